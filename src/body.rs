@@ -1,0 +1,98 @@
+//! The body of every response the sidecar sends: a streamed upstream body or
+//! a small local one, carrying the request's summary line until it ends.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::mozlog::RequestSummary;
+
+/// A response body. Dropping it (when the response is fully sent, or the
+/// client went away) writes the request.summary line.
+pub struct ResponseBody {
+    inner: Inner,
+    summary: Option<RequestSummary>,
+}
+
+enum Inner {
+    /// A body the sidecar wrote itself; `None` once sent.
+    Full(Option<Bytes>),
+    /// The app's body, streamed frame by frame (trailers included).
+    Upstream(Incoming),
+}
+
+impl ResponseBody {
+    /// An empty body.
+    pub fn empty() -> Self {
+        ResponseBody {
+            inner: Inner::Full(None),
+            summary: None,
+        }
+    }
+
+    /// A complete body.
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        let bytes = bytes.into();
+        let inner = Inner::Full(if bytes.is_empty() { None } else { Some(bytes) });
+        ResponseBody {
+            inner,
+            summary: None,
+        }
+    }
+
+    /// The app's streamed body.
+    pub fn upstream(body: Incoming) -> Self {
+        ResponseBody {
+            inner: Inner::Upstream(body),
+            summary: None,
+        }
+    }
+
+    /// Attaches the summary line, written when this body is dropped.
+    pub fn with_summary(mut self, summary: RequestSummary) -> Self {
+        self.summary = Some(summary);
+        self
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        match &mut this.inner {
+            Inner::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Inner::Upstream(body) => {
+                let polled = Pin::new(body).poll_frame(cx);
+                if let Poll::Ready(Some(Err(e))) = &polled {
+                    if let Some(summary) = this.summary.as_mut() {
+                        summary.fail_body(format!("upstream response body failed: {e}"));
+                    }
+                }
+                polled
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Full(bytes) => bytes.is_none(),
+            Inner::Upstream(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
+            Inner::Full(None) => SizeHint::with_exact(0),
+            Inner::Upstream(body) => body.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,307 @@
+//! Configuration: the typed settings, their defaults, and how they are layered.
+//!
+//! Precedence, lowest first: built-in defaults < the TOML file (`--config` or
+//! `DOCKERFLOW_CONFIG`) < `DOCKERFLOW_*` environment variables (`__` nests:
+//! `DOCKERFLOW_UPSTREAM__URL`) < `PORT` (the listen port only).
+//!
+//! This is the only module that knows about TOML and environment variables.
+//! Every value is validated while it is deserialized, so an error always
+//! carries the key and the provider that set it (see [`error`]).
+
+mod error;
+mod mask;
+mod types;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+pub use error::ConfigError;
+pub use mask::masked_toml;
+pub use types::{FailedStatus, HeaderNameValue, UpstreamUrl};
+
+/// The prefix of every environment variable that sets a key.
+pub const ENV_PREFIX: &str = "DOCKERFLOW_";
+/// The environment variable that names the TOML file (not a key itself).
+pub const CONFIG_ENV: &str = "DOCKERFLOW_CONFIG";
+
+/// Everything the sidecar can be told. Defaults live in the `Default` impls
+/// below and nowhere else; `config/dockerflow-sidecar.toml` repeats them and
+/// a test keeps the two in agreement.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the public listener binds (`PORT` replaces its port).
+    pub listen: SocketAddr,
+    /// The app the sidecar sits in front of.
+    pub upstream: UpstreamConfig,
+    /// Client-facing connection settings.
+    pub server: ServerConfig,
+    /// Where `/__version__` reads the app's version.json.
+    pub version: VersionConfig,
+    /// The mozlog output.
+    pub logging: LoggingConfig,
+    /// `/__heartbeat__`.
+    pub heartbeat: HeartbeatConfig,
+    /// SIGTERM handling.
+    pub shutdown: ShutdownConfig,
+}
+
+/// Where and how requests are forwarded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// `http://host:port` or `unix:/path/to.sock`.
+    pub url: UpstreamUrl,
+    /// Longest wait for a new upstream connection to open (then 502).
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Longest wait from sending a request to receiving the response head (then 504).
+    #[serde(with = "humantime_serde")]
+    pub response_header_timeout: Duration,
+    /// How long an idle pooled connection is kept. Keep it below the app's own
+    /// keep-alive timeout (gunicorn: 2 s, Node: 5 s) so the app never closes a
+    /// connection the pool is about to reuse.
+    #[serde(with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
+    /// Most idle connections kept in the pool.
+    pub pool_max_idle: usize,
+}
+
+/// Client-facing connections.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// How long an HTTP/1 client connection may sit between requests, and the
+    /// longest a client may take to send request headers; then it is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Runtime worker threads; 0 means one per CPU the process may use
+    /// (cgroup quotas included).
+    pub worker_threads: usize,
+}
+
+/// The app's version.json.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VersionConfig {
+    /// Candidate paths; the first that exists is served.
+    pub files: Vec<PathBuf>,
+}
+
+/// The log lines on stdout.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    /// `mozlog` (JSON, one object per line) or `text` (for local development).
+    pub format: LogFormat,
+    /// The mozlog `Logger` field.
+    pub logger: String,
+    /// Least severe level of the sidecar's own messages: error, warn, info, debug.
+    pub level: LogLevel,
+    /// Add the percent-decoded query string to request.summary lines.
+    pub querystring: bool,
+    /// Header carrying the request id to the app and back.
+    pub request_id_header: HeaderNameValue,
+}
+
+/// Output format of log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// mozlog JSON.
+    Mozlog,
+    /// One human-readable line per message.
+    Text,
+}
+
+/// Levels for the sidecar's own messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    /// Errors only.
+    Error,
+    /// Errors and warnings.
+    Warn,
+    /// The default.
+    Info,
+    /// Everything.
+    Debug,
+}
+
+/// `/__heartbeat__`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeartbeatConfig {
+    /// Status sent when the worst check level is error (40) or above.
+    pub failed_status: FailedStatus,
+    /// `status` (only `{"status": …}`, Django's production behaviour) or
+    /// `full` (`status`, `checks` and `details`).
+    pub details: HeartbeatDetails,
+    /// Path the `upstream` check requests from the app.
+    pub upstream_path: String,
+    /// Longest a check may take before it counts as failed.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+/// How much of the heartbeat result is shown to callers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HeartbeatDetails {
+    /// Only the overall status.
+    Status,
+    /// Status, checks and details.
+    Full,
+}
+
+/// SIGTERM / SIGINT handling.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// After the signal: health routes answer 503 but traffic is still served
+    /// this long, so load balancers take the pod out first.
+    #[serde(with = "humantime_serde")]
+    pub drain: Duration,
+    /// After the drain: the listener is closed and in-flight requests and
+    /// tunnels get this long to finish.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8000)),
+            upstream: UpstreamConfig::default(),
+            server: ServerConfig::default(),
+            version: VersionConfig::default(),
+            logging: LoggingConfig::default(),
+            heartbeat: HeartbeatConfig::default(),
+            shutdown: ShutdownConfig::default(),
+        }
+    }
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            url: UpstreamUrl::default(),
+            connect_timeout: Duration::from_secs(1),
+            response_header_timeout: Duration::from_secs(30),
+            pool_idle_timeout: Duration::from_secs(1),
+            pool_max_idle: 256,
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            idle_timeout: Duration::from_secs(60),
+            worker_threads: 0,
+        }
+    }
+}
+
+impl Default for VersionConfig {
+    fn default() -> Self {
+        VersionConfig {
+            files: vec![
+                PathBuf::from("/app/version.json"),
+                PathBuf::from("./version.json"),
+            ],
+        }
+    }
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig {
+            format: LogFormat::Mozlog,
+            logger: "dockerflow-sidecar".to_owned(),
+            level: LogLevel::Info,
+            querystring: false,
+            request_id_header: HeaderNameValue::default(),
+        }
+    }
+}
+
+impl Default for HeartbeatConfig {
+    fn default() -> Self {
+        HeartbeatConfig {
+            failed_status: FailedStatus::default(),
+            details: HeartbeatDetails::Status,
+            upstream_path: "/".to_owned(),
+            timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            drain: Duration::from_secs(5),
+            grace: Duration::from_secs(20),
+        }
+    }
+}
+
+/// What the command line adds on top of the layered configuration.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--config PATH` (wins over `DOCKERFLOW_CONFIG`).
+    pub config_file: Option<PathBuf>,
+    /// `--upstream URL` (wins over every other source).
+    pub upstream: Option<String>,
+}
+
+impl Config {
+    /// Loads the configuration from the process environment, the TOML file and
+    /// the command-line `overrides`.
+    pub fn load(overrides: &Overrides) -> Result<Config, ConfigError> {
+        let file = Config::file_from(overrides);
+
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = &file {
+            // Read and parse once ourselves: a missing file and a syntax error
+            // are reported with the path (and the line) before figment sees it.
+            let text =
+                std::fs::read_to_string(path).map_err(|e| ConfigError::unreadable(path, &e))?;
+            if let Err(e) = text.parse::<toml_edit::ImDocument<String>>() {
+                return Err(ConfigError::syntax(path, &e));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).ignore(&["CONFIG"]).split("__"));
+        if let Some(url) = &overrides.upstream {
+            figment = figment.merge(Serialized::default("upstream.url", url));
+        }
+
+        let mut config: Config = figment
+            .extract()
+            .map_err(|e| ConfigError::from_figment(e, file.as_deref()))?;
+
+        if let Ok(port) = std::env::var("PORT") {
+            let parsed = port
+                .trim()
+                .parse::<u16>()
+                .map_err(|_| ConfigError::Port(port.clone()))?;
+            config.listen.set_port(parsed);
+        }
+        Ok(config)
+    }
+
+    /// The TOML file named by `--config` or, failing that, `DOCKERFLOW_CONFIG`.
+    pub fn file_from(overrides: &Overrides) -> Option<PathBuf> {
+        overrides.config_file.clone().or_else(|| {
+            std::env::var_os(CONFIG_ENV)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        })
+    }
+}

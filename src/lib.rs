@@ -1,0 +1,88 @@
+//! dockerflow-sidecar: a reverse proxy that answers the Dockerflow routes,
+//! logs one mozlog line per request and forwards everything else to the app.
+//!
+//! [`run`] is what the binary starts; see ARCHITECTURE.md for the map.
+
+pub mod body;
+pub mod checks;
+pub mod config;
+pub mod dockerflow;
+pub mod mozlog;
+pub mod proxy;
+pub mod router;
+pub mod server;
+pub mod shutdown;
+pub mod upstream;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use http::HeaderName;
+use tokio::net::TcpListener;
+
+use crate::checks::{Registry, UpstreamCheck};
+use crate::config::Config;
+use crate::dockerflow::Heartbeat;
+use crate::mozlog::Logger;
+use crate::proxy::Proxy;
+use crate::shutdown::Shutdown;
+
+/// Everything a request needs, built once at start-up.
+pub struct App {
+    /// The effective configuration.
+    pub config: Config,
+    /// Writes request.summary lines.
+    pub logger: Arc<Logger>,
+    /// The request id header name.
+    pub rid_header: HeaderName,
+    /// Forwards to the upstream.
+    pub proxy: Proxy,
+    /// Runs the heartbeat checks.
+    pub heartbeat: Heartbeat,
+    /// Drain and stop state.
+    pub shutdown: Shutdown,
+}
+
+impl App {
+    /// Builds the app state from `config`.
+    pub fn new(config: Config, logger: Arc<Logger>) -> App {
+        let shutdown = Shutdown::default();
+        let proxy = Proxy::new(&config, shutdown.tracker().clone());
+        let checks: Vec<Box<dyn checks::Check>> = vec![Box::new(UpstreamCheck::new(&config))];
+        let heartbeat = Heartbeat::new(
+            Registry::new(checks, config.heartbeat.timeout),
+            &config.heartbeat,
+        );
+        App {
+            rid_header: config.logging.request_id_header.name.clone(),
+            config,
+            logger,
+            proxy,
+            heartbeat,
+            shutdown,
+        }
+    }
+}
+
+/// Binds the listener, logs `listening` with the bound address, and serves
+/// until `signal` resolves; then drains and returns when every connection
+/// and tunnel has finished or the grace period is over.
+pub async fn run(
+    config: Config,
+    logger: Arc<Logger>,
+    signal: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let listener = TcpListener::bind(config.listen).await.map_err(|e| {
+        std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.listen))
+    })?;
+    let addr = listener.local_addr()?;
+    tracing::info!(
+        addr = %addr,
+        upstream = %config.upstream.url,
+        version = env!("CARGO_PKG_VERSION"),
+        "listening"
+    );
+    let app = Arc::new(App::new(config, logger));
+    server::serve(app, listener, signal).await;
+    Ok(())
+}

@@ -1,0 +1,140 @@
+//! The `request.summary` line: one per request, written when the response
+//! (or the tunnel) ends, by dropping the guard that travels with it.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{HeaderMap, Method};
+use serde::Serialize;
+
+use super::{Logger, Severity};
+
+/// The facts of one request, logged once when dropped.
+pub struct RequestSummary {
+    logger: Arc<Logger>,
+    start: Instant,
+    method: Method,
+    path: String,
+    querystring: Option<String>,
+    agent: String,
+    lang: String,
+    rid: String,
+    code: u16,
+    /// Why the proxy failed the request; `Some` makes the line an error.
+    failure: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Fields<'a> {
+    errno: u16,
+    agent: &'a str,
+    lang: &'a str,
+    method: &'a str,
+    path: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    querystring: Option<&'a str>,
+    rid: &'a str,
+    t: u64,
+    code: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    msg: Option<&'a str>,
+}
+
+impl RequestSummary {
+    /// Starts the clock for a request. `log_query` adds the percent-decoded
+    /// query string.
+    pub fn start(
+        logger: Arc<Logger>,
+        start: Instant,
+        method: &Method,
+        uri: &http::Uri,
+        headers: &HeaderMap,
+        rid: String,
+        log_query: bool,
+    ) -> RequestSummary {
+        let header = |name: http::header::HeaderName| {
+            headers
+                .get(name)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .unwrap_or_default()
+        };
+        let querystring = if log_query {
+            uri.query().map(|q| {
+                percent_encoding::percent_decode_str(q)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            })
+        } else {
+            None
+        };
+        RequestSummary {
+            logger,
+            start,
+            method: method.clone(),
+            path: uri.path().to_owned(),
+            querystring,
+            agent: header(http::header::USER_AGENT),
+            lang: header(http::header::ACCEPT_LANGUAGE),
+            rid,
+            code: 0,
+            failure: None,
+        }
+    }
+
+    /// Records the status sent to the client.
+    pub fn set_code(&mut self, code: u16) {
+        self.code = code;
+    }
+
+    /// Marks the request as failed at the proxy: the line becomes Severity 3
+    /// with `errno` = the status sent and `msg` = `cause`.
+    pub fn fail(&mut self, code: u16, cause: String) {
+        self.code = code;
+        self.failure = Some(cause);
+    }
+
+    /// Marks a response that failed after its head was sent (the status
+    /// stays what the client got).
+    pub fn fail_body(&mut self, cause: String) {
+        self.failure = Some(cause);
+    }
+
+    /// The request id.
+    pub fn rid(&self) -> &str {
+        &self.rid
+    }
+}
+
+impl Drop for RequestSummary {
+    fn drop(&mut self) {
+        let t = self.start.elapsed().as_millis() as u64;
+        let severity = if self.failure.is_some() {
+            Severity::Error
+        } else {
+            Severity::Info
+        };
+        let fields = Fields {
+            errno: if self.failure.is_some() { self.code } else { 0 },
+            agent: &self.agent,
+            lang: &self.lang,
+            method: self.method.as_str(),
+            path: &self.path,
+            querystring: self.querystring.as_deref(),
+            rid: &self.rid,
+            t,
+            code: self.code,
+            msg: self.failure.as_deref(),
+        };
+        self.logger.emit("request.summary", severity, &fields, |s| {
+            let _ = write!(s, " {} {} {}", self.code, self.method, self.path);
+            if let Some(q) = &self.querystring {
+                let _ = write!(s, "?{q}");
+            }
+            let _ = write!(s, " {t}ms rid={}", self.rid);
+            if let Some(msg) = &self.failure {
+                let _ = write!(s, " msg={msg:?}");
+            }
+        });
+    }
+}

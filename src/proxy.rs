@@ -1,0 +1,342 @@
+//! Forwarding rules: what a request and its response look like on the other
+//! side of the sidecar, and the errors the proxy answers itself.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio_util::task::TaskTracker;
+
+use crate::body::ResponseBody;
+use crate::config::Config;
+use crate::mozlog::RequestSummary;
+use crate::upstream::{self, UpstreamClient};
+
+/// Forwards requests to the one configured upstream.
+pub struct Proxy {
+    client: UpstreamClient<Incoming>,
+    /// The authority every forwarded URI carries (the pool key).
+    authority: Authority,
+    /// Header carrying the request id.
+    rid_header: HeaderName,
+    /// Longest wait for the response head.
+    response_header_timeout: Duration,
+    /// Where WebSocket and other upgraded tunnels are tracked for shutdown.
+    tunnels: TaskTracker,
+}
+
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1),
+/// plus `Proxy-Connection`, which old clients still send.
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+impl Proxy {
+    /// A proxy for `config.upstream`, tracking tunnels in `tunnels`.
+    pub fn new(config: &Config, tunnels: TaskTracker) -> Proxy {
+        Proxy {
+            client: upstream::client(&config.upstream),
+            authority: upstream::authority(&config.upstream.url),
+            rid_header: config.logging.request_id_header.name.clone(),
+            response_header_timeout: config.upstream.response_header_timeout,
+            tunnels,
+        }
+    }
+
+    /// Sends `req` to the upstream and returns its response (or a 502/504),
+    /// with `summary` attached so the line is written when the response or
+    /// the tunnel ends.
+    pub async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+        rid: HeaderValue,
+        mut summary: RequestSummary,
+    ) -> Response<ResponseBody> {
+        let upgrade = upgrade_protocol(req.headers());
+        let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+
+        carry_authority_into_host(&mut req);
+        *req.uri_mut() = self.upstream_uri(req.uri());
+        *req.version_mut() = Version::HTTP_11;
+        let headers = req.headers_mut();
+        strip_hop_by_hop(headers);
+        if let Some(protocol) = &upgrade {
+            restore_upgrade(headers, protocol.clone());
+        }
+        append_forwarded_for(headers, peer);
+        headers
+            .entry(HeaderName::from_static("x-forwarded-proto"))
+            .or_insert(HeaderValue::from_static("http"));
+        headers.insert(self.rid_header.clone(), rid.clone());
+
+        let result =
+            tokio::time::timeout(self.response_header_timeout, self.client.request(req)).await;
+        let mut resp = match result {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(e)) => {
+                let cause = error_chain(&e);
+                let (status, text) = if e.is_connect() {
+                    (StatusCode::BAD_GATEWAY, "upstream unreachable")
+                } else {
+                    (StatusCode::BAD_GATEWAY, "upstream failed")
+                };
+                summary.fail(status.as_u16(), format!("{text}: {cause}"));
+                return self.error_response(status, text, rid, summary);
+            }
+            Err(_) => {
+                let limit = humantime::format_duration(self.response_header_timeout);
+                summary.fail(
+                    StatusCode::GATEWAY_TIMEOUT.as_u16(),
+                    format!("upstream sent no response head within {limit}"),
+                );
+                return self.error_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream timed out",
+                    rid,
+                    summary,
+                );
+            }
+        };
+        summary.set_code(resp.status().as_u16());
+
+        let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+        let response_upgrade = if switching {
+            upgrade_protocol(resp.headers())
+        } else {
+            None
+        };
+        strip_hop_by_hop(resp.headers_mut());
+        resp.headers_mut().insert(self.rid_header.clone(), rid);
+
+        match (client_upgrade, response_upgrade) {
+            (Some(client_side), Some(protocol)) => {
+                restore_upgrade(resp.headers_mut(), protocol);
+                let upstream_side = hyper::upgrade::on(&mut resp);
+                self.tunnels
+                    .spawn(tunnel(client_side, upstream_side, summary));
+                resp.map(|_| ResponseBody::empty())
+            }
+            _ => resp.map(|body| ResponseBody::upstream(body).with_summary(summary)),
+        }
+    }
+
+    /// The URI sent upstream: the configured authority with the request's
+    /// path and query exactly as received. The client's URI never picks the
+    /// destination, even in absolute form.
+    fn upstream_uri(&self, uri: &Uri) -> Uri {
+        let path_and_query = uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(self.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+            .unwrap_or_else(|_| Uri::from_static("/"))
+    }
+
+    fn error_response(
+        &self,
+        status: StatusCode,
+        text: &'static str,
+        rid: HeaderValue,
+        summary: RequestSummary,
+    ) -> Response<ResponseBody> {
+        let mut resp = crate::dockerflow::text(status, text);
+        resp.headers_mut().insert(self.rid_header.clone(), rid);
+        resp.map(|b| b.with_summary(summary))
+    }
+}
+
+/// Copies bytes both ways between the client and the app once both sides
+/// have switched protocols; the summary line is written when it ends.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    summary: RequestSummary,
+) {
+    let _summary = summary;
+    match tokio::try_join!(client, upstream) {
+        Ok((client, upstream)) => {
+            let mut client = TokioIo::new(client);
+            let mut upstream = TokioIo::new(upstream);
+            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                tracing::debug!(error = %e, "tunnel closed with an error");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "upgrade failed"),
+    }
+}
+
+/// The protocol a request or 101 response asks to switch to: an `Upgrade`
+/// header together with the `upgrade` token in `Connection` (RFC 9110 §7.8).
+pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
+    let upgrade = headers.get(header::UPGRADE)?;
+    connection_tokens(headers)
+        .any(|t| t.eq_ignore_ascii_case("upgrade"))
+        .then(|| upgrade.clone())
+}
+
+/// Every token of every `Connection` header value.
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Removes hop-by-hop headers and every header named in a `Connection`
+/// value (RFC 9110 §7.6.1). `TE: trailers` is kept: it tells the app the
+/// client accepts trailers, which the sidecar passes through.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = connection_tokens(headers)
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
+    for name in named {
+        if name != header::TE {
+            headers.remove(&name);
+        }
+    }
+    let te_trailers = headers.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+    });
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// Puts back what an upgrade needs after hop-by-hop stripping.
+fn restore_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, protocol);
+}
+
+/// HTTP/2 requests (and HTTP/1 absolute-form ones without Host) carry the
+/// host only in the URI: move it into `Host` before the URI is rewritten.
+fn carry_authority_into_host(req: &mut Request<Incoming>) {
+    if req.headers().contains_key(header::HOST) {
+        return;
+    }
+    if let Some(value) = req
+        .uri()
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    {
+        req.headers_mut().insert(header::HOST, value);
+    }
+}
+
+/// Appends the peer's address to `X-Forwarded-For`, joining any values
+/// already present into one header.
+fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
+    let name = HeaderName::from_static("x-forwarded-for");
+    let ip = peer.ip().to_canonical().to_string();
+    let mut joined = String::new();
+    for value in headers.get_all(&name) {
+        if let Ok(v) = value.to_str() {
+            joined.push_str(v);
+            joined.push_str(", ");
+        }
+    }
+    joined.push_str(&ip);
+    if let Ok(value) = HeaderValue::from_str(&joined) {
+        headers.insert(name, value);
+    }
+}
+
+/// An error and its causes on one line.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_headers_named_in_any_connection_value() {
+        let mut h = HeaderMap::new();
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("x-one, keep-alive"),
+        );
+        h.append(header::CONNECTION, HeaderValue::from_static("X-Two"));
+        h.insert("x-one", HeaderValue::from_static("1"));
+        h.insert("x-two", HeaderValue::from_static("2"));
+        h.insert("x-three", HeaderValue::from_static("3"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        strip_hop_by_hop(&mut h);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-three"]);
+    }
+
+    #[test]
+    fn keeps_te_trailers_only() {
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("gzip, trailers"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.get(header::TE).unwrap(), "trailers");
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.get(header::TE).is_none());
+    }
+
+    #[test]
+    fn forwarded_for_joins_existing_values() {
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", HeaderValue::from_static("1.1.1.1"));
+        h.append(
+            "x-forwarded-for",
+            HeaderValue::from_static("2.2.2.2, 3.3.3.3"),
+        );
+        append_forwarded_for(&mut h, "[::ffff:10.0.0.9]:4000".parse().unwrap());
+        assert_eq!(
+            h.get("x-forwarded-for").unwrap(),
+            "1.1.1.1, 2.2.2.2, 3.3.3.3, 10.0.0.9"
+        );
+    }
+
+    #[test]
+    fn upgrade_needs_the_connection_token() {
+        let mut h = HeaderMap::new();
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(upgrade_protocol(&h).is_none());
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        assert_eq!(upgrade_protocol(&h).unwrap(), "websocket");
+    }
+}

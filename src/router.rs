@@ -1,0 +1,134 @@
+//! One decision per request: a Dockerflow route answered here, or the proxy.
+//! Every path through here ends with exactly one request.summary line.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+
+use crate::body::ResponseBody;
+use crate::dockerflow;
+use crate::mozlog::RequestSummary;
+use crate::App;
+
+/// What a request is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// `/__version__`.
+    Version,
+    /// `/__heartbeat__`.
+    Heartbeat,
+    /// `/__lbheartbeat__`.
+    LbHeartbeat,
+    /// Everything else goes to the app.
+    Proxy,
+}
+
+/// Classifies by the raw path: exact match, one trailing slash allowed; the
+/// query is not part of the path. No percent-decoding: `/%5F%5Fheartbeat%5F%5F`
+/// is the app's business.
+pub fn classify(path: &str) -> Route {
+    let path = path
+        .strip_suffix('/')
+        .filter(|p| !p.is_empty())
+        .unwrap_or(path);
+    match path {
+        "/__version__" => Route::Version,
+        "/__heartbeat__" => Route::Heartbeat,
+        "/__lbheartbeat__" => Route::LbHeartbeat,
+        _ => Route::Proxy,
+    }
+}
+
+/// The request id: the incoming header's value, or a fresh uuid4 when it is
+/// absent or empty.
+fn request_id(app: &App, req: &Request<Incoming>) -> HeaderValue {
+    match req.headers().get(&app.rid_header) {
+        Some(value) if !value.is_empty() => value.clone(),
+        _ => {
+            let mut buf = uuid::Uuid::encode_buffer();
+            let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+            HeaderValue::from_str(id).unwrap_or(HeaderValue::from_static("-"))
+        }
+    }
+}
+
+/// Answers one request.
+pub async fn handle(
+    app: Arc<App>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let start = Instant::now();
+    let rid = request_id(&app, &req);
+    let summary = RequestSummary::start(
+        app.logger.clone(),
+        start,
+        req.method(),
+        req.uri(),
+        req.headers(),
+        String::from_utf8_lossy(rid.as_bytes()).into_owned(),
+        app.config.logging.querystring,
+    );
+
+    let route = classify(req.uri().path());
+    if req.method() == Method::CONNECT {
+        // The destination is only ever the configured upstream.
+        let resp = dockerflow::text(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported");
+        return Ok(finish(&app, resp, rid, summary));
+    }
+    if route == Route::Proxy {
+        return Ok(app.proxy.forward(req, peer, rid, summary).await);
+    }
+
+    let resp = if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut resp = dockerflow::text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+        resp.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        resp
+    } else {
+        let draining = app.shutdown.is_draining();
+        match route {
+            Route::LbHeartbeat => dockerflow::lbheartbeat(draining),
+            Route::Version => dockerflow::version(&app.config.version.files).await,
+            Route::Heartbeat => app.heartbeat.respond(draining).await,
+            Route::Proxy => unreachable!("handled above"),
+        }
+    };
+    Ok(finish(&app, resp, rid, summary))
+}
+
+/// Adds the request id and attaches the summary to a local response.
+fn finish(
+    app: &App,
+    mut resp: Response<ResponseBody>,
+    rid: HeaderValue,
+    mut summary: RequestSummary,
+) -> Response<ResponseBody> {
+    summary.set_code(resp.status().as_u16());
+    resp.headers_mut().insert(app.rid_header.clone(), rid);
+    resp.map(|b| b.with_summary(summary))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dockerflow_paths_match_exactly_with_one_optional_slash() {
+        assert_eq!(classify("/__heartbeat__"), Route::Heartbeat);
+        assert_eq!(classify("/__heartbeat__/"), Route::Heartbeat);
+        assert_eq!(classify("/__lbheartbeat__"), Route::LbHeartbeat);
+        assert_eq!(classify("/__version__/"), Route::Version);
+        assert_eq!(classify("/__heartbeat__//"), Route::Proxy);
+        assert_eq!(classify("//__heartbeat__"), Route::Proxy);
+        assert_eq!(classify("/__heartbeat__/.."), Route::Proxy);
+        assert_eq!(classify("/%5F%5Fheartbeat%5F%5F"), Route::Proxy);
+        assert_eq!(classify("/app/__heartbeat__"), Route::Proxy);
+        assert_eq!(classify("/"), Route::Proxy);
+    }
+}

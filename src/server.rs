@@ -1,0 +1,116 @@
+//! The public listener: accept loop, one task per connection (HTTP/1.1 and
+//! h2c with prior knowledge, upgrades allowed), and the drain sequence.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::router;
+use crate::App;
+
+/// Serves `listener` until `signal` resolves, then drains: health routes
+/// fail while traffic is still served for `shutdown.drain`, the listener
+/// closes, and connections and tunnels get `shutdown.grace` to finish.
+pub async fn serve(app: Arc<App>, listener: TcpListener, signal: impl Future<Output = ()>) {
+    let builder = Arc::new(connection_builder(&app));
+    tokio::pin!(signal);
+
+    accept_until(&app, &listener, &builder, &mut signal).await;
+
+    let drain = app.config.shutdown.drain;
+    app.shutdown.start_draining();
+    tracing::info!(drain = %humantime::format_duration(drain), "draining: health routes answer 503, traffic still served");
+    accept_until(&app, &listener, &builder, tokio::time::sleep(drain)).await;
+
+    drop(listener);
+    app.shutdown.stop();
+    let tracker = app.shutdown.tracker();
+    tracker.close();
+    let grace = app.config.shutdown.grace;
+    tracing::info!(
+        in_flight = tracker.len() as u64,
+        grace = %humantime::format_duration(grace),
+        "listener closed: waiting for in-flight requests and tunnels"
+    );
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            abandoned = tracker.len() as u64,
+            "grace period over: closing what is still open"
+        );
+    } else {
+        tracing::info!("all connections finished");
+    }
+}
+
+/// Accepts connections until `until` resolves.
+async fn accept_until(
+    app: &Arc<App>,
+    listener: &TcpListener,
+    builder: &Arc<auto::Builder<TokioExecutor>>,
+    until: impl Future<Output = ()>,
+) {
+    tokio::pin!(until);
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        tokio::select! {
+            _ = &mut until => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    backoff = Duration::from_millis(5);
+                    spawn_connection(app.clone(), builder.clone(), stream, peer);
+                }
+                Err(e) => {
+                    // Usually EMFILE/ENFILE: wait for descriptors to free up
+                    // instead of spinning.
+                    tracing::error!(error = %e, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            },
+        }
+    }
+}
+
+fn connection_builder(app: &App) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(app.config.server.idle_timeout)
+        .keep_alive(true);
+    builder.http2().timer(TokioTimer::new());
+    builder
+}
+
+/// Serves one connection; on stop it finishes the in-flight request and closes.
+fn spawn_connection(
+    app: Arc<App>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) {
+    let tracker = app.shutdown.tracker().clone();
+    tracker.spawn(async move {
+        let _ = stream.set_nodelay(true);
+        let service_app = app.clone();
+        let service = service_fn(move |req| router::handle(service_app.clone(), peer, req));
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+        tokio::pin!(conn);
+        let result = tokio::select! {
+            result = conn.as_mut() => result,
+            _ = app.shutdown.stopped() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = result {
+            tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+        }
+    });
+}
