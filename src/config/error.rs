@@ -71,18 +71,17 @@ impl ConfigError {
     }
 
     pub(super) fn syntax(path: &Path, e: &toml_edit::TomlError) -> Self {
-        // TomlError's message already shows the line; keep just its first line
-        // as the reason and add the line number explicitly.
+        // The rendered error starts "TOML parse error at line N, column M".
         let rendered = e.to_string();
-        let line = rendered.lines().find_map(|l| {
-            l.trim()
-                .strip_prefix("--> ")
-                .and_then(|pos| pos.split(':').next()?.parse().ok())
-        });
+        let line = rendered
+            .split("at line ")
+            .nth(1)
+            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok());
+        let reason: Vec<&str> = e.message().lines().map(str::trim).filter(|l| !l.is_empty()).collect();
         ConfigError::Syntax {
             path: path.to_owned(),
             line,
-            reason: e.message().to_owned(),
+            reason: reason.join("; "),
         }
     }
 
@@ -94,10 +93,8 @@ impl ConfigError {
         let problems = error
             .into_iter()
             .map(|e| {
-                let mut path = e.path.clone();
-                if let Kind::UnknownField(field, _) = &e.kind {
-                    path.push(field.clone());
-                }
+                // For an unknown field figment's path already ends with it.
+                let path = e.path.clone();
                 let key = path.join(".");
                 let origin = match e.metadata.as_ref() {
                     Some(md) => match &md.source {

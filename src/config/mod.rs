@@ -305,3 +305,43 @@ impl Config {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every dotted key of a TOML table, arrays of tables excluded.
+    fn keys(prefix: &str, value: &toml::Value, out: &mut Vec<String>) {
+        if let toml::Value::Table(table) = value {
+            for (k, v) in table {
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                if v.is_table() {
+                    keys(&key, v, out);
+                } else {
+                    out.push(key);
+                }
+            }
+        }
+    }
+
+    fn example() -> String {
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/dockerflow-sidecar.toml")).unwrap()
+    }
+
+    #[test]
+    fn example_file_parses_to_the_defaults() {
+        let parsed: Config = Figment::from(Toml::string(&example())).extract().unwrap();
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn example_file_documents_every_key() {
+        let mut documented = Vec::new();
+        keys("", &toml::from_str(&example()).unwrap(), &mut documented);
+        let mut defaults = Vec::new();
+        keys("", &toml::Value::try_from(Config::default()).unwrap(), &mut defaults);
+        documented.sort();
+        defaults.sort();
+        assert_eq!(documented, defaults);
+    }
+}

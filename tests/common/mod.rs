@@ -1,0 +1,311 @@
+//! The test harness: a real hyper upstream on a free port, the real sidecar
+//! binary in front of it, and clients (hyper, raw TCP).
+#![allow(dead_code)]
+
+pub mod upstream;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+pub use upstream::Upstream;
+
+/// How long any wait in a test may take before it fails.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Lines a child wrote, shared with the thread reading them.
+#[derive(Default)]
+pub struct Lines {
+    lines: Mutex<Vec<String>>,
+    changed: Condvar,
+}
+
+impl Lines {
+    fn push(&self, line: String) {
+        self.lines.lock().unwrap().push(line);
+        self.changed.notify_all();
+    }
+
+    /// Every line so far.
+    pub fn all(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Waits until a line satisfies `pred` and returns it.
+    pub fn wait_for(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let end = Instant::now() + DEADLINE;
+        let mut lines = self.lines.lock().unwrap();
+        loop {
+            if let Some(line) = lines.iter().find(|l| pred(l)) {
+                return line.clone();
+            }
+            let now = Instant::now();
+            assert!(now < end, "timed out waiting for {what}; lines so far:\n{}", lines.join("\n"));
+            lines = self.changed.wait_timeout(lines, end - now).unwrap().0;
+        }
+    }
+
+    /// Waits until `count` lines satisfy `pred` and returns them.
+    pub fn wait_for_count(&self, what: &str, count: usize, pred: impl Fn(&str) -> bool) -> Vec<String> {
+        let end = Instant::now() + DEADLINE;
+        let mut lines = self.lines.lock().unwrap();
+        loop {
+            let found: Vec<String> = lines.iter().filter(|l| pred(l)).cloned().collect();
+            if found.len() >= count {
+                return found;
+            }
+            let now = Instant::now();
+            assert!(
+                now < end,
+                "timed out waiting for {count} × {what}; lines so far:\n{}",
+                lines.join("\n")
+            );
+            lines = self.changed.wait_timeout(lines, end - now).unwrap().0;
+        }
+    }
+}
+
+/// The sidecar binary, started with a config file and environment.
+pub struct Sidecar {
+    child: Child,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its stdout, line by line.
+    pub stdout: Arc<Lines>,
+    /// Its stderr, line by line.
+    pub stderr: Arc<Lines>,
+    _dir: tempfile::TempDir,
+}
+
+/// How to start a sidecar.
+pub struct SidecarBuilder {
+    toml: String,
+    env: Vec<(String, String)>,
+    args: Vec<String>,
+}
+
+/// The binary under test.
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_dockerflow-sidecar"))
+}
+
+impl SidecarBuilder {
+    /// A sidecar in front of `upstream` (a URL), listening on a free port,
+    /// with a short drain so tests stop quickly.
+    pub fn new(upstream: &str) -> SidecarBuilder {
+        SidecarBuilder {
+            toml: format!(
+                "listen = \"127.0.0.1:0\"\n[upstream]\nurl = \"{upstream}\"\n[shutdown]\ndrain = \"50ms\"\ngrace = \"5s\"\n"
+            ),
+            env: Vec::new(),
+            args: Vec::new(),
+        }
+    }
+
+    /// Appends raw TOML (later tables may repeat earlier ones' names only if
+    /// the earlier ones were not given: keep each table once).
+    pub fn toml(mut self, extra: &str) -> Self {
+        self.toml.push_str(extra);
+        self.toml.push('\n');
+        self
+    }
+
+    /// Sets an environment variable.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Adds a command-line argument.
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.args.push(arg.into());
+        self
+    }
+
+    /// Starts it and waits for its `listening` line.
+    pub fn start(self) -> Sidecar {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("sidecar.toml");
+        std::fs::write(&config, &self.toml).unwrap();
+        let mut cmd = Command::new(binary());
+        cmd.arg("--config")
+            .arg(&config)
+            .args(&self.args)
+            .current_dir(dir.path())
+            .env_remove("PORT")
+            .env_remove("DOCKERFLOW_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start the sidecar binary");
+        let stdout = read_lines(child.stdout.take().unwrap());
+        let stderr = read_lines(child.stderr.take().unwrap());
+        let line = stdout.wait_for("the listening line", |l| l.contains("\"msg\":\"listening\""));
+        let json: Value = serde_json::from_str(&line).unwrap();
+        let addr = json["Fields"]["addr"].as_str().unwrap().parse().unwrap();
+        Sidecar {
+            child,
+            addr,
+            stdout,
+            stderr,
+            _dir: dir,
+        }
+    }
+}
+
+fn read_lines(stream: impl Read + Send + 'static) -> Arc<Lines> {
+    let lines = Arc::new(Lines::default());
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            match line {
+                Ok(line) => sink.push(line),
+                Err(_) => break,
+            }
+        }
+    });
+    lines
+}
+
+impl Sidecar {
+    /// `http://addr`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Sends a signal (libc::SIGTERM, …).
+    pub fn signal(&self, signal: i32) {
+        unsafe {
+            libc::kill(self.pid(), signal);
+        }
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub fn wait_exit(&mut self) -> Option<i32> {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(Instant::now() < end, "the sidecar did not exit");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The request.summary lines so far, parsed.
+    pub fn summaries(&self) -> Vec<Value> {
+        self.stdout
+            .all()
+            .iter()
+            .filter(|l| l.contains("\"Type\":\"request.summary\""))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// Waits for the summary line of the request with id `rid`.
+    pub fn summary_for(&self, rid: &str) -> Value {
+        let needle = format!("\"rid\":\"{rid}\"");
+        let line = self.stdout.wait_for(&format!("summary of {rid}"), |l| {
+            l.contains("\"Type\":\"request.summary\"") && l.contains(&needle)
+        });
+        serde_json::from_str(&line).unwrap()
+    }
+
+    /// Resident memory in KiB, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A response as the test sees it.
+#[derive(Debug)]
+pub struct Reply {
+    /// Status code.
+    pub status: u16,
+    /// Headers.
+    pub headers: http::HeaderMap,
+    /// The whole body.
+    pub body: Bytes,
+}
+
+impl Reply {
+    /// The body as JSON.
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+    }
+
+    /// A header's value as text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(|v| v.to_str().unwrap())
+    }
+}
+
+/// Sends one request with hyper's client (HTTP/1.1, or h2c when `h2`).
+pub async fn send(req: http::Request<Full<Bytes>>, h2: bool) -> Reply {
+    let client = Client::builder(TokioExecutor::new()).http2_only(h2).build_http();
+    let resp = tokio::time::timeout(DEADLINE, client.request(req))
+        .await
+        .expect("response within the deadline")
+        .expect("a response");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.unwrap().to_bytes();
+    Reply {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// GET `url` with optional extra headers.
+pub async fn get(url: &str, headers: &[(&str, &str)]) -> Reply {
+    request("GET", url, headers, Bytes::new()).await
+}
+
+/// Any request over HTTP/1.1.
+pub async fn request(method: &str, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
+    let mut builder = http::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        builder = builder.header(*k, *v);
+    }
+    send(builder.body(Full::new(body.into())).unwrap(), false).await
+}
+
+/// Writes `request` on a fresh TCP connection and reads until the peer
+/// closes (send `Connection: close`) or the deadline.
+pub fn raw(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    stream.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let _ = stream.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}

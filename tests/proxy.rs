@@ -1,0 +1,342 @@
+//! Forwarding: requests reach the app unchanged but for the documented
+//! proxy headers, and the app's answers come back unchanged.
+
+mod common;
+
+use bytes::Bytes;
+use common::{get, raw, request, send, SidecarBuilder, Upstream};
+use http_body_util::Full;
+use serde_json::Value;
+
+/// The header values the echo upstream saw for `name`.
+fn seen(echo: &Value, name: &str) -> Vec<String> {
+    echo["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|pair| pair[0] == name)
+        .map(|pair| pair[1].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn request_reaches_the_app_unchanged() {
+    let app = Upstream::start();
+    let sidecar = SidecarBuilder::new(&app.url()).start();
+    let reply = request(
+        "PUT",
+        &sidecar.url("/a/%7Eb/../c//d?x=1&y=%20z&x=2"),
+        &[("x-custom", "one"), ("content-type", "text/plain"), ("host", "app.example.com")],
+        "the body",
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    let echo = reply.json();
+    assert_eq!(echo["method"], "PUT");
+    assert_eq!(echo["uri"], "/a/%7Eb/../c//d?x=1&y=%20z&x=2", "path and query exactly as sent");
+    assert_eq!(echo["body"], "the body");
+    assert_eq!(seen(&echo, "x-custom"), ["one"]);
+    assert_eq!(seen(&echo, "content-type"), ["text/plain"]);
+    assert_eq!(seen(&echo, "host"), ["app.example.com"], "Host is preserved");
+    assert_eq!(seen(&echo, "x-forwarded-proto"), ["http"]);
+    assert_eq!(seen(&echo, "x-forwarded-for"), ["127.0.0.1"]);
+}
+
+#[tokio::test]
+async fn forwarded_headers_are_appended_not_replaced() {
+    let app = Upstream::start();
+    let sidecar = SidecarBuilder::new(&app.url()).start();
+    let reply = get(
+        &sidecar.url("/"),
+        &[("x-forwarded-for", "203.0.113.7"), ("x-forwarded-proto", "https")],
+    )
+    .await;
+    let echo = reply.json();
+    assert_eq!(seen(&echo, "x-forwarded-for"), ["203.0.113.7, 127.0.0.1"]);
+    assert_eq!(seen(&echo, "x-forwarded-proto"), ["https"], "set only when absent");
+}
+
+#[tokio::test]
+async fn request_id_is_generated_forwarded_and_returned() {
+    let app = Upstream::start();
+    let sidecar = SidecarBuilder::new(&app.url()).start();
+
+    let reply = get(&sidecar.url("/"), &[("x-request-id", "abc-123")]).await;
+    assert_eq!(seen(&reply.json(), "x-request-id"), ["abc-123"]);
+    assert_eq!(reply.header("x-request-id"), Some("abc-123"));
+
+    for headers in [vec![], vec![("x-request-id", "")]] {
+        let reply = get(&sidecar.url("/"), &headers).await;
+        let rid = reply.header("x-request-id").unwrap().to_owned();
+        let parsed = uuid::Uuid::parse_str(&rid).expect("a uuid");
+        assert_eq!(parsed.get_version_num(), 4);
+        assert_eq!(seen(&reply.json(), "x-request-id"), [rid]);
+    }
+}
+
+#[tokio::test]
+async fn request_id_header_name_is_configurable() {
+    let app = Upstream::start();
+    let sidecar = SidecarBuilder::new(&app.url())
+        .env("DOCKERFLOW_LOGGING__REQUEST_ID_HEADER", "X-Trace")
+        .start();
+    let reply = get(&sidecar.url("/"), &[("x-trace", "t-1")]).await;
+    assert_eq!(seen(&reply.json(), "x-trace"), ["t-1"]);
+    assert_eq!(reply.header("x-trace"), Some("t-1"));
+    assert!(reply.header("x-request-id").is_none());
+}
+
+#[tokio::test]
+async fn hop_by_hop_and_connection_named_headers_are_stripped_both_ways() {
+    let app = Upstream::start();
+    let sidecar = SidecarBuilder::new(&app.url()).start();
+    let response = raw(
+        sidecar.addr,
+        b"GET /echo HTTP/1.1\r\nHost: h\r\nConnection: close, x-client-hop\r\nConnection: X-Other\r\n\
+          x-client-hop: 1\r\nx-other: 2\r\nKeep-Alive: timeout=9\r\nProxy-Connection: keep-alive\r\n\
+          TE: trailers, deflate\r\nx-end-to-end: 3\r\n\r\n",
+    );
+    let body = &response[response.find("\r\n\r\n").unwrap() + 4..];
+    let echo: Value = serde_json::from_str(body).unwrap();
+    for name in ["x-client-hop", "x-other", "keep-alive", "proxy-connection"] {
+        assert!(seen(&echo, name).is_empty(), "{name} reached the app: {echo}");
+    }
+    assert_eq!(seen(&echo, "te"), ["trailers"], "TE: trailers is kept");
+    assert_eq!(seen(&echo, "x-end-to-end"), ["3"]);
+    assert!(seen(&echo, "connection").iter().all(|v| !v.contains("x-client-hop")));
+
+    let reply = get(&sidecar.url("/hop"), &[]).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.header("x-kept"), Some("yes"));
+    assert!(reply.header("x-upstream-hop").is_none(), "{:?}", reply.headers);
+    assert!(reply.header("keep-alive").is_none());
+}
+
+#[tokio::test]
+async fn absolute_form_target_still_goes_to_upstream() {
+    let app = Upstream::start();
+    let sidecar = SidecarBuilder::new(&app.url()).start();
+    let response = raw(
+        sidecar.addr,
+        b"GET http://other.example:9999/elsewhere?q=1 HTTP/1.1\r\nHost: other.example:9999\r\nConnection: close\r\n\r\n",
+    );
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let echo: Value = serde_json::from_str(&response[response.find("\r\n\r\n").unwrap() + 4..]).unwrap();
+    assert_eq!(echo["uri"], "/elsewhere?q=1");
+    assert_eq!(app.hits(), 1);
+}
+
+#[tokio::test]
+async fn connect_is_refused() {
+    let app = Upstream::start();
+    let sidecar = SidecarBuilder::new(&app.url()).start();
+    let response = raw(
+        sidecar.addr,
+        b"CONNECT other.example:443 HTTP/1.1\r\nHost: other.example:443\r\nConnection: close\r\n\r\n",
+    );
+    assert!(response.starts_with("HTTP/1.1 405"), "{response}");
+    assert_eq!(app.hits(), 0);
+}
+
+#[tokio::test]
+async fn chunked_request_trailers_reach_the_app() {
+    let app = Upstream::start();
+    let sidecar = SidecarBuilder::new(&app.url()).start();
+    let response = raw(
+        sidecar.addr,
+        b"POST /echo HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nTrailer: x-sum\r\nConnection: close\r\n\r\n\
+          5\r\nhello\r\n6\r\n world\r\n0\r\nx-sum: 42\r\n\r\n",
+    );
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let echo: Value = serde_json::from_str(&response[response.find("\r\n\r\n").unwrap() + 4..]).unwrap();
+    assert_eq!(echo["body"], "hello world");
+    assert_eq!(echo["trailers"], serde_json::json!([["x-sum", "42"]]));
+}
+
+#[tokio::test]
+async fn response_trailers_reach_a_client_that_accepts_them() {
+    let app = Upstream::start();
+    let sidecar = SidecarBuilder::new(&app.url()).start();
+    let response = raw(
+        sidecar.addr,
+        b"GET /trailers HTTP/1.1\r\nHost: h\r\nTE: trailers\r\nConnection: close\r\n\r\n",
+    );
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let lower = response.to_ascii_lowercase();
+    assert!(lower.contains("transfer-encoding: chunked"), "{response}");
+    assert!(lower.contains("hello "), "{response}");
+    assert!(lower.contains("\r\n0\r\nx-checksum: abc123\r\n\r\n"), "{response}");
+}
+
+#[tokio::test]
+async fn websocket_style_upgrade_is_tunnelled_both_ways() {
+    use std::io::{Read, Write};
+    let app = Upstream::start();
+    let sidecar = SidecarBuilder::new(&app.url()).start();
+    let mut stream = std::net::TcpStream::connect(sidecar.addr).unwrap();
+    stream.set_read_timeout(Some(common::DEADLINE)).unwrap();
+    stream
+        .write_all(b"GET /upgrade HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: echo\r\nx-request-id: tun-1\r\n\r\n")
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: echo"), "{head}");
+    for message in ["ping", "second message"] {
+        stream.write_all(message.as_bytes()).unwrap();
+        let mut reply = vec![0u8; 5 + message.len()];
+        stream.read_exact(&mut reply).unwrap();
+        assert_eq!(String::from_utf8(reply).unwrap(), format!("echo:{message}"));
+    }
+    drop(stream);
+    let line = sidecar.summary_for("tun-1");
+    assert_eq!(line["Fields"]["code"], 101);
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge_is_forwarded_with_host_from_authority() {
+    let app = Upstream::start();
+    let sidecar = SidecarBuilder::new(&app.url()).start();
+    let req = http::Request::builder()
+        .uri(format!("http://app.example:8443/h2?x=1"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    // Connect to the sidecar, but with :authority naming another host.
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build(FixedConnector(sidecar.addr));
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
+    let echo: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(echo["uri"], "/h2?x=1");
+    assert_eq!(seen(&echo, "host"), ["app.example:8443"]);
+    assert_eq!(echo["version"], "HTTP/1.1");
+
+    let reply = send(
+        http::Request::builder().uri(sidecar.url("/__lbheartbeat__")).body(Full::new(Bytes::new())).unwrap(),
+        true,
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+}
+
+/// Connects every request to one address, whatever its URI says.
+#[derive(Clone)]
+struct FixedConnector(std::net::SocketAddr);
+
+impl tower_service::Service<http::Uri> for FixedConnector {
+    type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Uri) -> Self::Future {
+        let addr = self.0;
+        Box::pin(async move { Ok(hyper_util::rt::TokioIo::new(tokio::net::TcpStream::connect(addr).await?)) })
+    }
+}
+
+#[tokio::test]
+async fn unreachable_upstream_gives_502_with_an_error_line() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let sidecar = SidecarBuilder::new(&format!("http://127.0.0.1:{port}")).start();
+    let reply = get(&sidecar.url("/x"), &[("x-request-id", "down-1")]).await;
+    assert_eq!(reply.status, 502);
+    assert!(String::from_utf8_lossy(&reply.body).contains("upstream unreachable"));
+    let line = sidecar.summary_for("down-1");
+    assert_eq!(line["Severity"], 3);
+    assert_eq!(line["Fields"]["errno"], 502);
+    assert_eq!(line["Fields"]["code"], 502);
+    assert!(line["Fields"]["msg"].as_str().unwrap().contains("refused"), "{line}");
+}
+
+#[tokio::test]
+async fn slow_upstream_gives_504() {
+    let app = Upstream::start();
+    let sidecar = SidecarBuilder::new(&app.url())
+        .env("DOCKERFLOW_UPSTREAM__RESPONSE_HEADER_TIMEOUT", "200ms")
+        .start();
+    let reply = get(&sidecar.url("/slow/3000"), &[("x-request-id", "slow-1")]).await;
+    assert_eq!(reply.status, 504);
+    let line = sidecar.summary_for("slow-1");
+    assert_eq!(line["Severity"], 3);
+    assert_eq!(line["Fields"]["errno"], 504);
+    assert!(line["Fields"]["msg"].as_str().unwrap().contains("200ms"), "{line}");
+    // The next request is served normally.
+    assert_eq!(get(&sidecar.url("/slow/0"), &[]).await.status, 200);
+}
+
+#[tokio::test]
+async fn app_statuses_and_bodies_come_back_unchanged() {
+    let app = Upstream::start();
+    let sidecar = SidecarBuilder::new(&app.url()).start();
+    for code in [201u16, 404, 418, 500, 503] {
+        let reply = get(&sidecar.url(&format!("/status/{code}")), &[]).await;
+        assert_eq!(reply.status, code);
+        assert_eq!(reply.body, format!("status {code}"));
+    }
+    let line = sidecar.stdout.wait_for("the 500 line", |l| l.contains("\"path\":\"/status/500\""));
+    assert!(line.contains("\"Severity\":6"), "an app's 500 is not a proxy failure: {line}");
+}
+
+#[tokio::test]
+async fn unix_socket_upstream() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("app.sock");
+    let app = Upstream::start_unix(&socket);
+    let sidecar = SidecarBuilder::new(&format!("unix:{}", socket.display())).start();
+    let reply = get(&sidecar.url("/via-unix"), &[]).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.json()["uri"], "/via-unix");
+    assert_eq!(app.hits(), 1);
+}
+
+#[tokio::test]
+async fn large_upload_and_download_stream_without_growing_memory() {
+    use http_body_util::BodyExt;
+    let app = Upstream::start();
+    let sidecar = SidecarBuilder::new(&app.url()).start();
+    // Warm up the pool and allocator before measuring.
+    assert_eq!(get(&sidecar.url("/"), &[]).await.status, 200);
+    let before = sidecar.rss_kib();
+
+    const SIZE: u64 = 256 * 1024 * 1024;
+    let chunk = Bytes::from(vec![b'u'; 256 * 1024]);
+    let stream = futures_util::stream::iter(
+        (0..SIZE / chunk.len() as u64).map(move |_| Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(chunk.clone()))),
+    );
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(sidecar.url("/count"))
+        .body(http_body_util::StreamBody::new(stream))
+        .unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let resp = client.request(req).await.unwrap();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let counted: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(counted["bytes"], SIZE);
+
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let resp = client
+        .request(http::Request::get(sidecar.url(&format!("/download/{SIZE}"))).body(http_body_util::Empty::<Bytes>::new()).unwrap())
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let mut received = 0u64;
+    while let Some(frame) = body.frame().await {
+        received += frame.unwrap().into_data().map(|d| d.len() as u64).unwrap_or(0);
+    }
+    assert_eq!(received, SIZE);
+
+    let growth_kib = sidecar.rss_kib().saturating_sub(before);
+    assert!(growth_kib < 16 * 1024, "RSS grew by {growth_kib} KiB moving 2 × 256 MiB");
+}
