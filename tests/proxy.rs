@@ -26,18 +26,29 @@ async fn request_reaches_the_app_unchanged() {
     let reply = request(
         "PUT",
         &sidecar.url("/a/%7Eb/../c//d?x=1&y=%20z&x=2"),
-        &[("x-custom", "one"), ("content-type", "text/plain"), ("host", "app.example.com")],
+        &[
+            ("x-custom", "one"),
+            ("content-type", "text/plain"),
+            ("host", "app.example.com"),
+        ],
         "the body",
     )
     .await;
     assert_eq!(reply.status, 200);
     let echo = reply.json();
     assert_eq!(echo["method"], "PUT");
-    assert_eq!(echo["uri"], "/a/%7Eb/../c//d?x=1&y=%20z&x=2", "path and query exactly as sent");
+    assert_eq!(
+        echo["uri"], "/a/%7Eb/../c//d?x=1&y=%20z&x=2",
+        "path and query exactly as sent"
+    );
     assert_eq!(echo["body"], "the body");
     assert_eq!(seen(&echo, "x-custom"), ["one"]);
     assert_eq!(seen(&echo, "content-type"), ["text/plain"]);
-    assert_eq!(seen(&echo, "host"), ["app.example.com"], "Host is preserved");
+    assert_eq!(
+        seen(&echo, "host"),
+        ["app.example.com"],
+        "Host is preserved"
+    );
     assert_eq!(seen(&echo, "x-forwarded-proto"), ["http"]);
     assert_eq!(seen(&echo, "x-forwarded-for"), ["127.0.0.1"]);
 }
@@ -48,12 +59,19 @@ async fn forwarded_headers_are_appended_not_replaced() {
     let sidecar = SidecarBuilder::new(&app.url()).start();
     let reply = get(
         &sidecar.url("/"),
-        &[("x-forwarded-for", "203.0.113.7"), ("x-forwarded-proto", "https")],
+        &[
+            ("x-forwarded-for", "203.0.113.7"),
+            ("x-forwarded-proto", "https"),
+        ],
     )
     .await;
     let echo = reply.json();
     assert_eq!(seen(&echo, "x-forwarded-for"), ["203.0.113.7, 127.0.0.1"]);
-    assert_eq!(seen(&echo, "x-forwarded-proto"), ["https"], "set only when absent");
+    assert_eq!(
+        seen(&echo, "x-forwarded-proto"),
+        ["https"],
+        "set only when absent"
+    );
 }
 
 #[tokio::test]
@@ -99,16 +117,25 @@ async fn hop_by_hop_and_connection_named_headers_are_stripped_both_ways() {
     let body = &response[response.find("\r\n\r\n").unwrap() + 4..];
     let echo: Value = serde_json::from_str(body).unwrap();
     for name in ["x-client-hop", "x-other", "keep-alive", "proxy-connection"] {
-        assert!(seen(&echo, name).is_empty(), "{name} reached the app: {echo}");
+        assert!(
+            seen(&echo, name).is_empty(),
+            "{name} reached the app: {echo}"
+        );
     }
     assert_eq!(seen(&echo, "te"), ["trailers"], "TE: trailers is kept");
     assert_eq!(seen(&echo, "x-end-to-end"), ["3"]);
-    assert!(seen(&echo, "connection").iter().all(|v| !v.contains("x-client-hop")));
+    assert!(seen(&echo, "connection")
+        .iter()
+        .all(|v| !v.contains("x-client-hop")));
 
     let reply = get(&sidecar.url("/hop"), &[]).await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.header("x-kept"), Some("yes"));
-    assert!(reply.header("x-upstream-hop").is_none(), "{:?}", reply.headers);
+    assert!(
+        reply.header("x-upstream-hop").is_none(),
+        "{:?}",
+        reply.headers
+    );
     assert!(reply.header("keep-alive").is_none());
 }
 
@@ -121,7 +148,8 @@ async fn absolute_form_target_still_goes_to_upstream() {
         b"GET http://other.example:9999/elsewhere?q=1 HTTP/1.1\r\nHost: other.example:9999\r\nConnection: close\r\n\r\n",
     );
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    let echo: Value = serde_json::from_str(&response[response.find("\r\n\r\n").unwrap() + 4..]).unwrap();
+    let echo: Value =
+        serde_json::from_str(&response[response.find("\r\n\r\n").unwrap() + 4..]).unwrap();
     assert_eq!(echo["uri"], "/elsewhere?q=1");
     assert_eq!(app.hits(), 1);
 }
@@ -148,7 +176,8 @@ async fn chunked_request_trailers_reach_the_app() {
           5\r\nhello\r\n6\r\n world\r\n0\r\nx-sum: 42\r\n\r\n",
     );
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    let echo: Value = serde_json::from_str(&response[response.find("\r\n\r\n").unwrap() + 4..]).unwrap();
+    let echo: Value =
+        serde_json::from_str(&response[response.find("\r\n\r\n").unwrap() + 4..]).unwrap();
     assert_eq!(echo["body"], "hello world");
     assert_eq!(echo["trailers"], serde_json::json!([["x-sum", "42"]]));
 }
@@ -165,7 +194,10 @@ async fn response_trailers_reach_a_client_that_accepts_them() {
     let lower = response.to_ascii_lowercase();
     assert!(lower.contains("transfer-encoding: chunked"), "{response}");
     assert!(lower.contains("hello "), "{response}");
-    assert!(lower.contains("\r\n0\r\nx-checksum: abc123\r\n\r\n"), "{response}");
+    assert!(
+        lower.contains("\r\n0\r\nx-checksum: abc123\r\n\r\n"),
+        "{response}"
+    );
 }
 
 #[tokio::test]
@@ -203,7 +235,7 @@ async fn h2c_prior_knowledge_is_forwarded_with_host_from_authority() {
     let app = Upstream::start();
     let sidecar = SidecarBuilder::new(&app.url()).start();
     let req = http::Request::builder()
-        .uri(format!("http://app.example:8443/h2?x=1"))
+        .uri("http://app.example:8443/h2?x=1")
         .body(Full::new(Bytes::new()))
         .unwrap();
     // Connect to the sidecar, but with :authority naming another host.
@@ -212,14 +244,20 @@ async fn h2c_prior_knowledge_is_forwarded_with_host_from_authority() {
         .build(FixedConnector(sidecar.addr));
     let resp = client.request(req).await.unwrap();
     assert_eq!(resp.status(), 200);
-    let body = http_body_util::BodyExt::collect(resp.into_body()).await.unwrap().to_bytes();
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
     let echo: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(echo["uri"], "/h2?x=1");
     assert_eq!(seen(&echo, "host"), ["app.example:8443"]);
     assert_eq!(echo["version"], "HTTP/1.1");
 
     let reply = send(
-        http::Request::builder().uri(sidecar.url("/__lbheartbeat__")).body(Full::new(Bytes::new())).unwrap(),
+        http::Request::builder()
+            .uri(sidecar.url("/__lbheartbeat__"))
+            .body(Full::new(Bytes::new()))
+            .unwrap(),
         true,
     )
     .await;
@@ -233,21 +271,34 @@ struct FixedConnector(std::net::SocketAddr);
 impl tower_service::Service<http::Uri> for FixedConnector {
     type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
     type Error = std::io::Error;
-    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>>;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>,
+    >;
 
-    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
         std::task::Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, _: http::Uri) -> Self::Future {
         let addr = self.0;
-        Box::pin(async move { Ok(hyper_util::rt::TokioIo::new(tokio::net::TcpStream::connect(addr).await?)) })
+        Box::pin(async move {
+            Ok(hyper_util::rt::TokioIo::new(
+                tokio::net::TcpStream::connect(addr).await?,
+            ))
+        })
     }
 }
 
 #[tokio::test]
 async fn unreachable_upstream_gives_502_with_an_error_line() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let sidecar = SidecarBuilder::new(&format!("http://127.0.0.1:{port}")).start();
     let reply = get(&sidecar.url("/x"), &[("x-request-id", "down-1")]).await;
     assert_eq!(reply.status, 502);
@@ -256,7 +307,10 @@ async fn unreachable_upstream_gives_502_with_an_error_line() {
     assert_eq!(line["Severity"], 3);
     assert_eq!(line["Fields"]["errno"], 502);
     assert_eq!(line["Fields"]["code"], 502);
-    assert!(line["Fields"]["msg"].as_str().unwrap().contains("refused"), "{line}");
+    assert!(
+        line["Fields"]["msg"].as_str().unwrap().contains("refused"),
+        "{line}"
+    );
 }
 
 #[tokio::test]
@@ -270,7 +324,10 @@ async fn slow_upstream_gives_504() {
     let line = sidecar.summary_for("slow-1");
     assert_eq!(line["Severity"], 3);
     assert_eq!(line["Fields"]["errno"], 504);
-    assert!(line["Fields"]["msg"].as_str().unwrap().contains("200ms"), "{line}");
+    assert!(
+        line["Fields"]["msg"].as_str().unwrap().contains("200ms"),
+        "{line}"
+    );
     // The next request is served normally.
     assert_eq!(get(&sidecar.url("/slow/0"), &[]).await.status, 200);
 }
@@ -284,8 +341,13 @@ async fn app_statuses_and_bodies_come_back_unchanged() {
         assert_eq!(reply.status, code);
         assert_eq!(reply.body, format!("status {code}"));
     }
-    let line = sidecar.stdout.wait_for("the 500 line", |l| l.contains("\"path\":\"/status/500\""));
-    assert!(line.contains("\"Severity\":6"), "an app's 500 is not a proxy failure: {line}");
+    let line = sidecar
+        .stdout
+        .wait_for("the 500 line", |l| l.contains("\"path\":\"/status/500\""));
+    assert!(
+        line.contains("\"Severity\":6"),
+        "an app's 500 is not a proxy failure: {line}"
+    );
 }
 
 #[tokio::test]
@@ -311,32 +373,46 @@ async fn large_upload_and_download_stream_without_growing_memory() {
 
     const SIZE: u64 = 256 * 1024 * 1024;
     let chunk = Bytes::from(vec![b'u'; 256 * 1024]);
-    let stream = futures_util::stream::iter(
-        (0..SIZE / chunk.len() as u64).map(move |_| Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(chunk.clone()))),
-    );
+    let stream =
+        futures_util::stream::iter((0..SIZE / chunk.len() as u64).map(move |_| {
+            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(chunk.clone()))
+        }));
     let req = http::Request::builder()
         .method("POST")
         .uri(sidecar.url("/count"))
         .body(http_body_util::StreamBody::new(stream))
         .unwrap();
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
     let resp = client.request(req).await.unwrap();
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     let counted: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(counted["bytes"], SIZE);
 
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
     let resp = client
-        .request(http::Request::get(sidecar.url(&format!("/download/{SIZE}"))).body(http_body_util::Empty::<Bytes>::new()).unwrap())
+        .request(
+            http::Request::get(sidecar.url(&format!("/download/{SIZE}")))
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap(),
+        )
         .await
         .unwrap();
     let mut body = resp.into_body();
     let mut received = 0u64;
     while let Some(frame) = body.frame().await {
-        received += frame.unwrap().into_data().map(|d| d.len() as u64).unwrap_or(0);
+        received += frame
+            .unwrap()
+            .into_data()
+            .map(|d| d.len() as u64)
+            .unwrap_or(0);
     }
     assert_eq!(received, SIZE);
 
     let growth_kib = sidecar.rss_kib().saturating_sub(before);
-    assert!(growth_kib < 16 * 1024, "RSS grew by {growth_kib} KiB moving 2 × 256 MiB");
+    assert!(
+        growth_kib < 16 * 1024,
+        "RSS grew by {growth_kib} KiB moving 2 × 256 MiB"
+    );
 }

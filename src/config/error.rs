@@ -73,11 +73,18 @@ impl ConfigError {
     pub(super) fn syntax(path: &Path, e: &toml_edit::TomlError) -> Self {
         // The rendered error starts "TOML parse error at line N, column M".
         let rendered = e.to_string();
-        let line = rendered
-            .split("at line ")
-            .nth(1)
-            .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok());
-        let reason: Vec<&str> = e.message().lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+        let line = rendered.split("at line ").nth(1).and_then(|rest| {
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        });
+        let reason: Vec<&str> = e
+            .message()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
         ConfigError::Syntax {
             path: path.to_owned(),
             line,

@@ -314,7 +314,11 @@ mod tests {
     fn keys(prefix: &str, value: &toml::Value, out: &mut Vec<String>) {
         if let toml::Value::Table(table) = value {
             for (k, v) in table {
-                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
                 if v.is_table() {
                     keys(&key, v, out);
                 } else {
@@ -325,7 +329,11 @@ mod tests {
     }
 
     fn example() -> String {
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/dockerflow-sidecar.toml")).unwrap()
+        std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/config/dockerflow-sidecar.toml"
+        ))
+        .unwrap()
     }
 
     #[test]
@@ -339,7 +347,11 @@ mod tests {
         let mut documented = Vec::new();
         keys("", &toml::from_str(&example()).unwrap(), &mut documented);
         let mut defaults = Vec::new();
-        keys("", &toml::Value::try_from(Config::default()).unwrap(), &mut defaults);
+        keys(
+            "",
+            &toml::Value::try_from(Config::default()).unwrap(),
+            &mut defaults,
+        );
         documented.sort();
         defaults.sort();
         assert_eq!(documented, defaults);

@@ -17,6 +17,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 
+#[allow(unused_imports)]
 pub use upstream::Upstream;
 
 /// How long any wait in a test may take before it fails.
@@ -42,20 +43,37 @@ impl Lines {
 
     /// Waits until a line satisfies `pred` and returns it.
     pub fn wait_for(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
-        let end = Instant::now() + DEADLINE;
+        self.wait_for_within(DEADLINE, &pred).unwrap_or_else(|| {
+            panic!(
+                "timed out waiting for {what}; lines so far:\n{}",
+                self.all().join("\n")
+            )
+        })
+    }
+
+    /// Waits up to `limit` for a line that satisfies `pred`.
+    pub fn wait_for_within(&self, limit: Duration, pred: &impl Fn(&str) -> bool) -> Option<String> {
+        let end = Instant::now() + limit;
         let mut lines = self.lines.lock().unwrap();
         loop {
             if let Some(line) = lines.iter().find(|l| pred(l)) {
-                return line.clone();
+                return Some(line.clone());
             }
             let now = Instant::now();
-            assert!(now < end, "timed out waiting for {what}; lines so far:\n{}", lines.join("\n"));
+            if now >= end {
+                return None;
+            }
             lines = self.changed.wait_timeout(lines, end - now).unwrap().0;
         }
     }
 
     /// Waits until `count` lines satisfy `pred` and returns them.
-    pub fn wait_for_count(&self, what: &str, count: usize, pred: impl Fn(&str) -> bool) -> Vec<String> {
+    pub fn wait_for_count(
+        &self,
+        what: &str,
+        count: usize,
+        pred: impl Fn(&str) -> bool,
+    ) -> Vec<String> {
         let end = Instant::now() + DEADLINE;
         let mut lines = self.lines.lock().unwrap();
         loop {
@@ -91,6 +109,8 @@ pub struct SidecarBuilder {
     toml: String,
     env: Vec<(String, String)>,
     args: Vec<String>,
+    files: Vec<(String, String)>,
+    shutdown: (String, String),
 }
 
 /// The binary under test.
@@ -103,16 +123,16 @@ impl SidecarBuilder {
     /// with a short drain so tests stop quickly.
     pub fn new(upstream: &str) -> SidecarBuilder {
         SidecarBuilder {
-            toml: format!(
-                "listen = \"127.0.0.1:0\"\n[upstream]\nurl = \"{upstream}\"\n[shutdown]\ndrain = \"50ms\"\ngrace = \"5s\"\n"
-            ),
+            toml: format!("listen = \"127.0.0.1:0\"\n[upstream]\nurl = \"{upstream}\"\n"),
             env: Vec::new(),
             args: Vec::new(),
+            files: Vec::new(),
+            shutdown: ("50ms".into(), "5s".into()),
         }
     }
 
-    /// Appends raw TOML (later tables may repeat earlier ones' names only if
-    /// the earlier ones were not given: keep each table once).
+    /// Appends raw TOML tables. TOML forbids repeating a table: `[upstream]`
+    /// is already written, and `[shutdown]` is set with `shutdown()`.
     pub fn toml(mut self, extra: &str) -> Self {
         self.toml.push_str(extra);
         self.toml.push('\n');
@@ -131,11 +151,31 @@ impl SidecarBuilder {
         self
     }
 
+    /// Sets `shutdown.drain` and `shutdown.grace` (default 50ms and 5s).
+    pub fn shutdown(mut self, drain: &str, grace: &str) -> Self {
+        self.shutdown = (drain.into(), grace.into());
+        self
+    }
+
+    /// Writes a file into the sidecar's working directory before it starts.
+    pub fn file(mut self, name: &str, contents: &str) -> Self {
+        self.files.push((name.into(), contents.into()));
+        self
+    }
+
     /// Starts it and waits for its `listening` line.
     pub fn start(self) -> Sidecar {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("sidecar.toml");
-        std::fs::write(&config, &self.toml).unwrap();
+        let (drain, grace) = &self.shutdown;
+        let toml = format!(
+            "{}[shutdown]\ndrain = \"{drain}\"\ngrace = \"{grace}\"\n",
+            self.toml
+        );
+        std::fs::write(&config, toml).unwrap();
+        for (name, contents) in &self.files {
+            std::fs::write(dir.path().join(name), contents).unwrap();
+        }
         let mut cmd = Command::new(binary());
         cmd.arg("--config")
             .arg(&config)
@@ -152,7 +192,20 @@ impl SidecarBuilder {
         let mut child = cmd.spawn().expect("start the sidecar binary");
         let stdout = read_lines(child.stdout.take().unwrap());
         let stderr = read_lines(child.stderr.take().unwrap());
-        let line = stdout.wait_for("the listening line", |l| l.contains("\"msg\":\"listening\""));
+        let end = Instant::now() + DEADLINE;
+        let listening = |l: &str| l.contains("\"msg\":\"listening\"");
+        let line = loop {
+            if let Some(line) = stdout.wait_for_within(Duration::from_millis(50), &listening) {
+                break line;
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "the sidecar exited ({status}) before listening; stderr:\n{}",
+                    stderr.all().join("\n")
+                );
+            }
+            assert!(Instant::now() < end, "the sidecar did not start listening");
+        };
         let json: Value = serde_json::from_str(&line).unwrap();
         let addr = json["Fields"]["addr"].as_str().unwrap().parse().unwrap();
         Sidecar {
@@ -260,7 +313,8 @@ pub struct Reply {
 impl Reply {
     /// The body as JSON.
     pub fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
     }
 
     /// A header's value as text.
@@ -271,7 +325,9 @@ impl Reply {
 
 /// Sends one request with hyper's client (HTTP/1.1, or h2c when `h2`).
 pub async fn send(req: http::Request<Full<Bytes>>, h2: bool) -> Reply {
-    let client = Client::builder(TokioExecutor::new()).http2_only(h2).build_http();
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(h2)
+        .build_http();
     let resp = tokio::time::timeout(DEADLINE, client.request(req))
         .await
         .expect("response within the deadline")
@@ -291,7 +347,12 @@ pub async fn get(url: &str, headers: &[(&str, &str)]) -> Reply {
 }
 
 /// Any request over HTTP/1.1.
-pub async fn request(method: &str, url: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
+pub async fn request(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Reply {
     let mut builder = http::Request::builder().method(method).uri(url);
     for (k, v) in headers {
         builder = builder.header(*k, *v);

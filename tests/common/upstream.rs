@@ -47,11 +47,16 @@ impl Upstream {
         spawn_runtime(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 serve(TokioIo::new(stream), counter.clone());
             }
         });
-        Upstream { addr: Some(addr), hits }
+        Upstream {
+            addr: Some(addr),
+            hits,
+        }
     }
 
     /// Starts on a Unix socket at `path`.
@@ -63,7 +68,9 @@ impl Upstream {
         spawn_runtime(async move {
             let listener = tokio::net::UnixListener::from_std(listener).unwrap();
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 serve(TokioIo::new(stream), counter.clone());
             }
         });
@@ -116,7 +123,12 @@ fn full(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
 fn pairs(headers: &HeaderMap) -> Vec<(String, String)> {
     headers
         .iter()
-        .map(|(k, v)| (k.as_str().to_owned(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
         .collect()
 }
 
@@ -142,8 +154,10 @@ async fn handle(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible
                     t
                 })),
             ];
-            let mut resp = Response::new(StreamBody::new(futures_util::stream::iter(frames)).boxed());
-            resp.headers_mut().insert("trailer", "x-checksum".parse().unwrap());
+            let mut resp =
+                Response::new(StreamBody::new(futures_util::stream::iter(frames)).boxed());
+            resp.headers_mut()
+                .insert("trailer", "x-checksum".parse().unwrap());
             resp
         }
         ["", "hop"] => {
@@ -176,8 +190,10 @@ async fn handle(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible
                 }
             });
             let mut resp = full(StatusCode::SWITCHING_PROTOCOLS, Bytes::new());
-            resp.headers_mut().insert("connection", "upgrade".parse().unwrap());
-            resp.headers_mut().insert("upgrade", "echo".parse().unwrap());
+            resp.headers_mut()
+                .insert("connection", "upgrade".parse().unwrap());
+            resp.headers_mut()
+                .insert("upgrade", "echo".parse().unwrap());
             resp
         }
         ["", "count"] => {
@@ -194,7 +210,9 @@ async fn handle(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible
             let total: u64 = n.parse().unwrap_or(0);
             let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
             let count = total / chunk.len() as u64;
-            let stream = futures_util::stream::iter((0..count).map(move |_| Ok::<_, Infallible>(Frame::data(chunk.clone()))));
+            let stream = futures_util::stream::iter(
+                (0..count).map(move |_| Ok::<_, Infallible>(Frame::data(chunk.clone()))),
+            );
             Response::new(StreamBody::new(stream).boxed())
         }
         _ => {

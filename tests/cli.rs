@@ -1,0 +1,205 @@
+//! The command line: --version, check-config, and configuration errors that
+//! name the key, the source and what is valid.
+
+mod common;
+
+use std::process::{Command, Output};
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(common::binary());
+    cmd.args(args)
+        .env_remove("PORT")
+        .env_remove("DOCKERFLOW_CONFIG")
+        .env_remove("DOCKERFLOW_UPSTREAM__URL");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn version_flag_prints_the_version() {
+    let out = run(&["--version"], &[]);
+    assert!(out.status.success());
+    assert_eq!(
+        text(&out.stdout).trim(),
+        format!("dockerflow-sidecar {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn check_config_prints_the_merged_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.toml");
+    std::fs::write(&file, "[upstream]\nurl = \"http://127.0.0.1:1111\"\nconnect_timeout = \"3s\"\n[logging]\nlogger = \"from-file\"\n").unwrap();
+    let out = run(
+        &["check-config", "--config", file.to_str().unwrap()],
+        &[("DOCKERFLOW_LOGGING__LOGGER", "from-env"), ("PORT", "9000")],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let printed: toml::Value = toml::from_str(&text(&out.stdout)).unwrap();
+    assert_eq!(
+        printed["listen"].as_str(),
+        Some("0.0.0.0:9000"),
+        "PORT sets the port"
+    );
+    assert_eq!(
+        printed["upstream"]["url"].as_str(),
+        Some("http://127.0.0.1:1111")
+    );
+    assert_eq!(printed["upstream"]["connect_timeout"].as_str(), Some("3s"));
+    assert_eq!(
+        printed["logging"]["logger"].as_str(),
+        Some("from-env"),
+        "env beats the file"
+    );
+    assert_eq!(
+        printed["heartbeat"]["failed_status"].as_integer(),
+        Some(500),
+        "defaults fill the rest"
+    );
+}
+
+#[test]
+fn config_file_can_come_from_the_environment_and_upstream_flag_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.toml");
+    std::fs::write(&file, "[upstream]\nurl = \"http://127.0.0.1:1111\"\n").unwrap();
+    let from_env = run(
+        &["check-config"],
+        &[("DOCKERFLOW_CONFIG", file.to_str().unwrap())],
+    );
+    assert!(text(&from_env.stdout).contains("http://127.0.0.1:1111"));
+    let flag = run(
+        &["check-config", "--upstream", "unix:/run/app.sock"],
+        &[
+            ("DOCKERFLOW_CONFIG", file.to_str().unwrap()),
+            ("DOCKERFLOW_UPSTREAM__URL", "http://127.0.0.1:2"),
+        ],
+    );
+    assert!(
+        text(&flag.stdout).contains("url = \"unix:/run/app.sock\""),
+        "{}",
+        text(&flag.stdout)
+    );
+}
+
+#[test]
+fn bad_value_in_the_file_names_key_file_line_and_what_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(&file, "# comment\n[heartbeat]\ndetails = \"everything\"\n").unwrap();
+    let out = run(&["check-config", "--config", file.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains("`heartbeat.details`"), "{err}");
+    assert!(
+        err.contains(&format!("{}, line 3", file.display())),
+        "{err}"
+    );
+    assert!(err.contains("status, full"), "{err}");
+}
+
+#[test]
+fn bad_value_from_the_environment_names_the_variable() {
+    let out = run(
+        &["check-config"],
+        &[("DOCKERFLOW_UPSTREAM__CONNECT_TIMEOUT", "soon")],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains("`upstream.connect_timeout`"), "{err}");
+    assert!(
+        err.contains("environment variable DOCKERFLOW_UPSTREAM__CONNECT_TIMEOUT"),
+        "{err}"
+    );
+    assert!(err.contains("a duration such as"), "{err}");
+}
+
+#[test]
+fn unknown_keys_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("typo.toml");
+    std::fs::write(
+        &file,
+        "[upstream]\nurl = \"http://127.0.0.1:1\"\nconect_timeout = \"1s\"\n",
+    )
+    .unwrap();
+    let out = run(&["check-config", "--config", file.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("`upstream.conect_timeout`") && err.contains("line 3"),
+        "{err}"
+    );
+    assert!(
+        err.contains("connect_timeout"),
+        "lists the valid keys: {err}"
+    );
+
+    let out = run(
+        &["check-config"],
+        &[("DOCKERFLOW_UPSTREAM__URLL", "http://x:1")],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("DOCKERFLOW_UPSTREAM__URLL"));
+}
+
+#[test]
+fn bad_upstream_url_syntax_error_and_port_are_explained() {
+    let out = run(&["check-config", "--upstream", "ftp://x:21"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("`upstream.url`")
+            && err.contains("--upstream")
+            && err.contains("unix:/path/to.sock"),
+        "{err}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("syntax.toml");
+    std::fs::write(&file, "listen = \"0.0.0.0:1\"\n[upstream\n").unwrap();
+    let out = run(&["check-config", "--config", file.to_str().unwrap()], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("line 2: not valid TOML"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = run(&["check-config"], &[("PORT", "eighty")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("PORT"));
+
+    let out = run(
+        &["check-config", "--config", "/nonexistent/sidecar.toml"],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("/nonexistent/sidecar.toml"));
+}
+
+#[test]
+fn serve_refuses_to_start_on_a_bad_config() {
+    let out = run(&["serve"], &[("DOCKERFLOW_HEARTBEAT__FAILED_STATUS", "42")]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("from 200 to 599"));
+}
+
+#[test]
+fn listen_failure_is_reported() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = run(&[], &[("DOCKERFLOW_LISTEN", &addr)]);
+    assert!(!out.status.success());
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("cannot listen on") && stdout.contains(&addr),
+        "{stdout}"
+    );
+}

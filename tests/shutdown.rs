@@ -1,0 +1,123 @@
+//! Graceful shutdown: fail health first, keep serving for the drain period,
+//! then close the listener and let in-flight work finish.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{get, SidecarBuilder, Upstream};
+
+#[tokio::test]
+async fn request_in_flight_at_sigterm_still_completes() {
+    let app = Upstream::start();
+    let mut sidecar = SidecarBuilder::new(&app.url())
+        .shutdown("1500ms", "10s")
+        .start();
+    let slow_url = sidecar.url("/slow/4000");
+    let slow = tokio::spawn(async move { get(&slow_url, &[("x-request-id", "inflight-1")]).await });
+    let end = std::time::Instant::now() + common::DEADLINE;
+    while app.hits() == 0 {
+        assert!(
+            std::time::Instant::now() < end,
+            "the slow request never reached the app"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    sidecar.signal(libc::SIGTERM);
+    sidecar
+        .stdout
+        .wait_for("draining", |l| l.contains("draining"));
+    assert_eq!(get(&sidecar.url("/__lbheartbeat__"), &[]).await.status, 503);
+    assert_eq!(get(&sidecar.url("/__heartbeat__"), &[]).await.status, 503);
+    assert_eq!(
+        get(&sidecar.url("/during-drain"), &[]).await.status,
+        200,
+        "traffic is still served"
+    );
+
+    sidecar
+        .stdout
+        .wait_for("listener closed", |l| l.contains("listener closed"));
+    assert!(
+        !slow.is_finished(),
+        "the slow request should still be in flight when the listener closes"
+    );
+    assert!(
+        std::net::TcpStream::connect(sidecar.addr).is_err(),
+        "no new connections after the drain"
+    );
+
+    let reply = slow.await.unwrap();
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body, "slow done");
+    assert_eq!(sidecar.wait_exit(), Some(0));
+    // Every line was flushed before exit: the in-flight request's and the last one.
+    let summary = sidecar.summary_for("inflight-1");
+    assert_eq!(summary["Fields"]["code"], 200);
+    assert!(sidecar
+        .stdout
+        .all()
+        .last()
+        .unwrap()
+        .contains("\"msg\":\"stopped\""));
+}
+
+#[tokio::test]
+async fn sigint_drains_like_sigterm() {
+    let app = Upstream::start();
+    let mut sidecar = SidecarBuilder::new(&app.url()).start();
+    assert_eq!(get(&sidecar.url("/"), &[]).await.status, 200);
+    sidecar.signal(libc::SIGINT);
+    assert_eq!(sidecar.wait_exit(), Some(0));
+    sidecar
+        .stdout
+        .wait_for("the signal line", |l| l.contains("SIGINT"));
+}
+
+#[tokio::test]
+async fn second_signal_exits_at_once() {
+    let app = Upstream::start();
+    let mut sidecar = SidecarBuilder::new(&app.url())
+        .env("DOCKERFLOW_SHUTDOWN__DRAIN", "10m")
+        .start();
+    sidecar.signal(libc::SIGTERM);
+    sidecar
+        .stdout
+        .wait_for("draining", |l| l.contains("draining"));
+    sidecar.signal(libc::SIGTERM);
+    assert_eq!(sidecar.wait_exit(), Some(1));
+    sidecar
+        .stdout
+        .wait_for("the second-signal line", |l| l.contains("second signal"));
+}
+
+#[tokio::test]
+async fn open_tunnel_keeps_the_process_until_it_closes() {
+    use std::io::{Read, Write};
+    let app = Upstream::start();
+    let mut sidecar = SidecarBuilder::new(&app.url()).start();
+    let mut stream = std::net::TcpStream::connect(sidecar.addr).unwrap();
+    stream.set_read_timeout(Some(common::DEADLINE)).unwrap();
+    stream
+        .write_all(b"GET /upgrade HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: echo\r\nx-request-id: tun-2\r\n\r\n")
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    sidecar.signal(libc::SIGTERM);
+    sidecar
+        .stdout
+        .wait_for("listener closed", |l| l.contains("listener closed"));
+    // The tunnel still works after the listener closed.
+    stream.write_all(b"still here").unwrap();
+    let mut reply = [0u8; 15];
+    stream.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"echo:still here");
+    drop(stream);
+    assert_eq!(sidecar.wait_exit(), Some(0));
+    assert_eq!(sidecar.summary_for("tun-2")["Fields"]["code"], 101);
+}
