@@ -10,6 +10,58 @@ use hyper::body::Incoming;
 
 use crate::mozlog::RequestSummary;
 
+/// A request body on its way to the app that says when it has been sent in
+/// full: the response-header timeout only starts then, so a slow upload is
+/// not mistaken for a slow app.
+pub struct RequestBody {
+    inner: Incoming,
+    /// Fired (or dropped) when the body ends; `None` once done.
+    sent: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl RequestBody {
+    /// Wraps `inner`; the returned receiver resolves when it has been sent
+    /// (or abandoned). An already-empty body resolves at once.
+    pub fn new(inner: Incoming) -> (RequestBody, tokio::sync::oneshot::Receiver<()>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sent = if inner.is_end_stream() {
+            None
+        } else {
+            Some(tx)
+        };
+        (RequestBody { inner, sent }, rx)
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_))))
+            || this.inner.is_end_stream()
+        {
+            if let Some(sent) = this.sent.take() {
+                let _ = sent.send(());
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// A response body. Dropping it (when the response is fully sent, or the
 /// client went away) writes the request.summary line.
 pub struct ResponseBody {

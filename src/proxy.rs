@@ -11,14 +11,14 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio_util::task::TaskTracker;
 
-use crate::body::ResponseBody;
+use crate::body::{RequestBody, ResponseBody};
 use crate::config::Config;
 use crate::mozlog::RequestSummary;
 use crate::upstream::{self, UpstreamClient};
 
 /// Forwards requests to the one configured upstream.
 pub struct Proxy {
-    client: UpstreamClient<Incoming>,
+    client: UpstreamClient<RequestBody>,
     /// The authority every forwarded URI carries (the pool key).
     authority: Authority,
     /// Header carrying the request id.
@@ -79,9 +79,9 @@ impl Proxy {
             .or_insert(HeaderValue::from_static("http"));
         headers.insert(self.rid_header.clone(), rid.clone());
 
-        let result =
-            tokio::time::timeout(self.response_header_timeout, self.client.request(req)).await;
-        let mut resp = match result {
+        let (parts, body) = req.into_parts();
+        let (body, body_sent) = RequestBody::new(body);
+        let mut resp = match self.send(Request::from_parts(parts, body), body_sent).await {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) => {
                 let cause = error_chain(&e);
@@ -127,6 +127,27 @@ impl Proxy {
                 resp.map(|_| ResponseBody::empty())
             }
             _ => resp.map(|body| ResponseBody::upstream(body).with_summary(summary)),
+        }
+    }
+
+    /// Sends the request; `None` when no response head arrived within the
+    /// response-header timeout, counted from when the request body was sent.
+    async fn send(
+        &self,
+        req: Request<RequestBody>,
+        body_sent: tokio::sync::oneshot::Receiver<()>,
+    ) -> Result<
+        Result<Response<Incoming>, hyper_util::client::legacy::Error>,
+        tokio::time::error::Elapsed,
+    > {
+        let response = self.client.request(req);
+        tokio::pin!(response);
+        tokio::select! {
+            biased;
+            result = &mut response => Ok(result),
+            // Resolves when the body ends, fails or is dropped: in every case
+            // the app has had the whole request it is going to get.
+            _ = body_sent => tokio::time::timeout(self.response_header_timeout, response).await,
         }
     }
 

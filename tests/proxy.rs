@@ -416,3 +416,39 @@ async fn large_upload_and_download_stream_without_growing_memory() {
         "RSS grew by {growth_kib} KiB moving 2 × 256 MiB"
     );
 }
+
+#[tokio::test]
+async fn slow_upload_is_not_a_slow_app() {
+    // The response-header timeout starts once the request body has been
+    // sent: an upload longer than it must still succeed.
+    let app = Upstream::start();
+    let sidecar = SidecarBuilder::new(&app.url())
+        .env("DOCKERFLOW_UPSTREAM__RESPONSE_HEADER_TIMEOUT", "300ms")
+        .start();
+    let stream = Box::pin(futures_util::stream::unfold(0u8, |i| async move {
+        if i == 4 {
+            return None;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        Some((
+            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(Bytes::from_static(
+                b"0123456789",
+            ))),
+            i + 1,
+        ))
+    }));
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(sidecar.url("/count"))
+        .body(http_body_util::StreamBody::new(stream))
+        .unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(serde_json::from_slice::<Value>(&body).unwrap()["bytes"], 40);
+}

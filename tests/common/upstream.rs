@@ -199,8 +199,8 @@ async fn handle(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible
         ["", "count"] => {
             let mut body = req.into_body();
             let mut bytes = 0u64;
-            while let Some(frame) = body.frame().await {
-                if let Ok(data) = frame.unwrap().into_data() {
+            while let Some(Ok(frame)) = body.frame().await {
+                if let Ok(data) = frame.into_data() {
                     bytes += data.len() as u64;
                 }
             }
