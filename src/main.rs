@@ -94,12 +94,16 @@ fn serve(config: Config) -> ExitCode {
     let signal_logger = logger.clone();
     let run_logger = logger.clone();
     let result = runtime.block_on(async move {
+        // Installed before the listener exists, so a signal that arrives as
+        // soon as `listening` is logged is already ours, not the default
+        // (which would kill the process without a drain).
+        let mut signals = Signals::install()?;
         let (first_tx, first_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
-            let name = termination_signal().await;
+            let name = signals.next().await;
             tracing::info!(signal = name, "shutdown requested");
             let _ = first_tx.send(());
-            let name = termination_signal().await;
+            let name = signals.next().await;
             tracing::warn!(signal = name, "second signal: exiting now");
             signal_logger.flush();
             std::process::exit(1);
@@ -125,19 +129,26 @@ fn serve(config: Config) -> ExitCode {
     code
 }
 
-/// Waits for SIGTERM or SIGINT and names it.
-async fn termination_signal() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the process can only be killed; never resolve.
-        std::future::pending::<()>().await;
-        unreachable!()
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+/// SIGTERM and SIGINT, subscribed once so no signal between two waits is lost.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Waits for the next SIGTERM or SIGINT and names it.
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
     }
 }

@@ -64,12 +64,13 @@ impl Proxy {
     ) -> Response<ResponseBody> {
         let upgrade = upgrade_protocol(req.headers());
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+        let target_authority = req.uri().authority().cloned();
 
-        carry_authority_into_host(&mut req);
         *req.uri_mut() = self.upstream_uri(req.uri());
         *req.version_mut() = Version::HTTP_11;
         let headers = req.headers_mut();
         strip_hop_by_hop(headers);
+        set_host(headers, target_authority.as_ref(), &self.authority);
         if let Some(protocol) = &upgrade {
             restore_upgrade(headers, protocol.clone());
         }
@@ -84,27 +85,24 @@ impl Proxy {
         let mut resp = match self.send(Request::from_parts(parts, body), body_sent).await {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) => {
-                let cause = error_chain(&e);
                 let (status, text) = if e.is_connect() {
                     (StatusCode::BAD_GATEWAY, "upstream unreachable")
+                } else if client_body_failed(&e) {
+                    (StatusCode::BAD_REQUEST, "bad request body")
                 } else {
                     (StatusCode::BAD_GATEWAY, "upstream failed")
                 };
-                summary.fail(status.as_u16(), format!("{text}: {cause}"));
+                summary.fail(status.as_u16(), format!("{text}: {}", error_chain(&e)));
                 return self.error_response(status, text, rid, summary);
             }
             Err(_) => {
                 let limit = humantime::format_duration(self.response_header_timeout);
+                let status = StatusCode::GATEWAY_TIMEOUT;
                 summary.fail(
-                    StatusCode::GATEWAY_TIMEOUT.as_u16(),
+                    status.as_u16(),
                     format!("upstream sent no response head within {limit}"),
                 );
-                return self.error_response(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream timed out",
-                    rid,
-                    summary,
-                );
+                return self.error_response(status, "upstream timed out", rid, summary);
             }
         };
         summary.set_code(resp.status().as_u16());
@@ -116,7 +114,8 @@ impl Proxy {
             None
         };
         strip_hop_by_hop(resp.headers_mut());
-        resp.headers_mut().insert(self.rid_header.clone(), rid);
+        resp.headers_mut()
+            .insert(self.rid_header.clone(), rid.clone());
 
         match (client_upgrade, response_upgrade) {
             (Some(client_side), Some(protocol)) => {
@@ -125,6 +124,16 @@ impl Proxy {
                 self.tunnels
                     .spawn(tunnel(client_side, upstream_side, summary));
                 resp.map(|_| ResponseBody::empty())
+            }
+            // RFC 9110 §15.2.2: a 101 must name the protocol, and only one
+            // the client asked for; anything else cannot be relayed.
+            _ if switching => {
+                let status = StatusCode::BAD_GATEWAY;
+                summary.fail(
+                    status.as_u16(),
+                    "upstream switched protocols without a matching upgrade request".into(),
+                );
+                self.error_response(status, "upstream failed", rid, summary)
             }
             _ => resp.map(|body| ResponseBody::upstream(body).with_summary(summary)),
         }
@@ -242,7 +251,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         headers.remove(name);
     }
     if te_trailers {
+        // TE is itself hop-by-hop: a sender of TE must list it in Connection
+        // (RFC 9110 §10.1.4).
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        headers.insert(header::CONNECTION, HeaderValue::from_static("te"));
     }
 }
 
@@ -252,19 +264,33 @@ fn restore_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
     headers.insert(header::UPGRADE, protocol);
 }
 
-/// HTTP/2 requests (and HTTP/1 absolute-form ones without Host) carry the
-/// host only in the URI: move it into `Host` before the URI is rewritten.
-fn carry_authority_into_host(req: &mut Request<Incoming>) {
-    if req.headers().contains_key(header::HOST) {
-        return;
+/// The Host the app sees. The target's authority wins when the request has
+/// one: an HTTP/2 `:authority` (RFC 9113 §8.3.1) or an absolute-form target
+/// (RFC 9112 §3.2.2). Otherwise the client's Host is kept, and a request with
+/// none (HTTP/1.0) gets the upstream's authority, since HTTP/1.1 requires Host.
+fn set_host(headers: &mut HeaderMap, target: Option<&Authority>, upstream: &Authority) {
+    let value = match target {
+        Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+        None if headers.contains_key(header::HOST) => return,
+        None => None,
+    };
+    let value = value.or_else(|| HeaderValue::from_str(upstream.as_str()).ok());
+    if let Some(value) = value {
+        headers.insert(header::HOST, value);
     }
-    if let Some(value) = req
-        .uri()
-        .authority()
-        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    {
-        req.headers_mut().insert(header::HOST, value);
+}
+
+/// True when the request failed because the client's body did (a broken
+/// chunked encoding, a client that went away): the client's fault, not the app's.
+fn client_body_failed(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        if let Some(hyper_error) = cause.downcast_ref::<hyper::Error>() {
+            return hyper_error.is_user();
+        }
+        source = cause.source();
     }
+    false
 }
 
 /// Appends the peer's address to `X-Forwarded-For`, joining any values

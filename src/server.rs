@@ -11,6 +11,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::mozlog::RequestSummary;
 use crate::router;
 use crate::App;
 
@@ -110,7 +111,24 @@ fn spawn_connection(
             }
         };
         if let Err(e) = result {
-            tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+            log_connection_error(&app, peer, &*e);
         }
     });
+}
+
+/// A connection error that hyper answered itself (a request it could not
+/// parse gets 400, or 431 for oversized headers) still gets its
+/// request.summary line; anything else is a debug message.
+fn log_connection_error(app: &App, peer: SocketAddr, error: &(dyn std::error::Error + 'static)) {
+    match error.downcast_ref::<hyper::Error>() {
+        Some(e) if e.is_parse() || e.is_parse_too_large() => {
+            let code = if e.is_parse_too_large() { 431 } else { 400 };
+            drop(RequestSummary::unparsed(
+                app.logger.clone(),
+                code,
+                format!("malformed request from {peer}: {e}"),
+            ));
+        }
+        _ => tracing::debug!(peer = %peer, error = %error, "connection ended with an error"),
+    }
 }

@@ -189,6 +189,17 @@ fn serve_refuses_to_start_on_a_bad_config() {
     let out = run(&["serve"], &[("DOCKERFLOW_HEARTBEAT__FAILED_STATUS", "42")]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("from 200 to 599"));
+
+    let out = run(
+        &["serve"],
+        &[("DOCKERFLOW_HEARTBEAT__UPSTREAM_PATH", "health")],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("starting with `/`"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 #[test]

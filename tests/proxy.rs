@@ -151,6 +151,11 @@ async fn absolute_form_target_still_goes_to_upstream() {
     let echo: Value =
         serde_json::from_str(&response[response.find("\r\n\r\n").unwrap() + 4..]).unwrap();
     assert_eq!(echo["uri"], "/elsewhere?q=1");
+    assert_eq!(
+        seen(&echo, "host"),
+        ["other.example:9999"],
+        "RFC 9112 §3.2.2: the target's authority is the host"
+    );
     assert_eq!(app.hits(), 1);
 }
 
@@ -451,4 +456,88 @@ async fn slow_upload_is_not_a_slow_app() {
         .unwrap()
         .to_bytes();
     assert_eq!(serde_json::from_slice::<Value>(&body).unwrap()["bytes"], 40);
+}
+
+#[tokio::test]
+async fn http10_request_without_host_gets_the_upstream_host() {
+    let app = Upstream::start();
+    let sidecar = SidecarBuilder::new(&app.url()).start();
+    let response = raw(sidecar.addr, b"GET /old HTTP/1.0\r\n\r\n");
+    assert!(
+        response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
+        "{response}"
+    );
+    let echo: Value =
+        serde_json::from_str(&response[response.find("\r\n\r\n").unwrap() + 4..]).unwrap();
+    assert_eq!(seen(&echo, "host"), [app.addr.unwrap().to_string()]);
+}
+
+#[tokio::test]
+async fn unrequested_switching_protocols_is_a_502() {
+    let app = Upstream::start();
+    let sidecar = SidecarBuilder::new(&app.url()).start();
+    let reply = get(&sidecar.url("/bogus-101"), &[("x-request-id", "b101")]).await;
+    assert_eq!(reply.status, 502);
+    let line = sidecar.summary_for("b101");
+    assert_eq!(line["Fields"]["errno"], 502);
+}
+
+#[tokio::test]
+async fn malformed_request_gets_400_and_a_line() {
+    let app = Upstream::start();
+    let sidecar = SidecarBuilder::new(&app.url()).start();
+    let response = raw(
+        sidecar.addr,
+        b"GET /x HTTP/1.1\r\nHost: h\r\nBad Header\r\n\r\n",
+    );
+    assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+    let line = sidecar.stdout.wait_for("the 400 line", |l| {
+        l.contains("request.summary") && l.contains("\"code\":400")
+    });
+    assert!(
+        line.contains("\"Severity\":3") && line.contains("malformed request"),
+        "{line}"
+    );
+    assert_eq!(app.hits(), 0);
+}
+
+#[tokio::test]
+async fn broken_request_body_is_the_clients_fault_not_the_apps() {
+    let app = Upstream::start();
+    let sidecar = SidecarBuilder::new(&app.url()).start();
+    raw(
+        sidecar.addr,
+        b"POST /count HTTP/1.1\r\nHost: h\r\nx-request-id: badbody\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+    );
+    let line = sidecar.summary_for("badbody");
+    assert_eq!(line["Fields"]["code"], 400, "{line}");
+    assert!(
+        line["Fields"]["msg"]
+            .as_str()
+            .unwrap()
+            .contains("bad request body"),
+        "{line}"
+    );
+}
+
+#[tokio::test]
+async fn client_that_leaves_early_is_logged_as_499() {
+    use std::io::Write;
+    let app = Upstream::start();
+    let sidecar = SidecarBuilder::new(&app.url()).start();
+    let mut stream = std::net::TcpStream::connect(sidecar.addr).unwrap();
+    stream
+        .write_all(b"GET /slow/1500 HTTP/1.1\r\nHost: h\r\nx-request-id: gone-1\r\n\r\n")
+        .unwrap();
+    let end = std::time::Instant::now() + common::DEADLINE;
+    while app.hits() == 0 {
+        assert!(
+            std::time::Instant::now() < end,
+            "the request never reached the app"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    drop(stream);
+    let line = sidecar.summary_for("gone-1");
+    assert_eq!(line["Fields"]["code"], 499, "{line}");
 }

@@ -25,7 +25,7 @@ impl UpstreamCheck {
         let uri = Uri::builder()
             .scheme("http")
             .authority(authority.clone())
-            .path_and_query(path.as_str())
+            .path_and_query(path.0.clone())
             .build()
             .unwrap_or_else(|_| Uri::from_static("/"));
         UpstreamCheck {
@@ -33,7 +33,7 @@ impl UpstreamCheck {
             host: HeaderValue::from_str(authority.as_str())
                 .unwrap_or(HeaderValue::from_static("localhost")),
             uri,
-            target: format!("{}{}", config.upstream.url, path),
+            target: format!("{}{}", config.upstream.url, path.as_str()),
         }
     }
 

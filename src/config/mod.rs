@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 pub use error::ConfigError;
 pub use mask::masked_toml;
-pub use types::{FailedStatus, HeaderNameValue, UpstreamUrl};
+pub use types::{FailedStatus, HeaderNameValue, RequestPath, UpstreamUrl};
 
 /// The prefix of every environment variable that sets a key.
 pub const ENV_PREFIX: &str = "DOCKERFLOW_";
@@ -143,7 +143,7 @@ pub struct HeartbeatConfig {
     /// `full` (`status`, `checks` and `details`).
     pub details: HeartbeatDetails,
     /// Path the `upstream` check requests from the app.
-    pub upstream_path: String,
+    pub upstream_path: RequestPath,
     /// Longest a check may take before it counts as failed.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
@@ -236,7 +236,7 @@ impl Default for HeartbeatConfig {
         HeartbeatConfig {
             failed_status: FailedStatus::default(),
             details: HeartbeatDetails::Status,
-            upstream_path: "/".to_owned(),
+            upstream_path: RequestPath(http::uri::PathAndQuery::from_static("/")),
             timeout: Duration::from_secs(3),
         }
     }

@@ -159,3 +159,37 @@ impl From<HeaderNameValue> for String {
         value.display
     }
 }
+
+/// An origin-form request target: `/path` with an optional `?query`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct RequestPath(pub http::uri::PathAndQuery);
+
+impl RequestPath {
+    /// The path as text.
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+}
+
+impl TryFrom<String> for RequestPath {
+    type Error = String;
+
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        const VALID: &str =
+            "expected a path starting with `/`, such as \"/\" or \"/health?full=1\"";
+        if !value.starts_with('/') {
+            return Err(format!("`{value}` is not valid: {VALID}"));
+        }
+        value
+            .parse::<http::uri::PathAndQuery>()
+            .map(RequestPath)
+            .map_err(|e| format!("`{value}` is not valid ({e}): {VALID}"))
+    }
+}
+
+impl From<RequestPath> for String {
+    fn from(value: RequestPath) -> Self {
+        value.0.as_str().to_owned()
+    }
+}

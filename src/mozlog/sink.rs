@@ -2,7 +2,8 @@
 //! writes them in batches, so a slow stdout never blocks a request.
 
 use std::io::Write;
-use std::sync::mpsc::{self, Receiver, Sender, SyncSender};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::time::Duration;
 
 /// What the writer thread is asked to do.
@@ -13,25 +14,46 @@ enum Msg {
     Flush(SyncSender<()>),
 }
 
+/// Lines queued at most; about 25 MB of typical request.summary lines.
+/// Past that stdout is not keeping up, and lines are counted and dropped
+/// rather than growing memory without bound or blocking requests.
+const QUEUE: usize = 65_536;
+
 /// Hands lines to the writer thread. Sending never blocks.
 pub struct Sink {
-    tx: Sender<Msg>,
+    tx: SyncSender<Msg>,
+    /// Lines dropped because the queue was full, not yet reported.
+    dropped: AtomicU64,
 }
 
 impl Sink {
     /// Starts the writer thread over `out`. The thread lives as long as the
     /// process; `flush` is what guarantees that no line is lost at exit.
     pub fn new(out: Box<dyn Write + Send>) -> std::io::Result<Sink> {
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::sync_channel(QUEUE);
         std::thread::Builder::new()
             .name("mozlog-writer".into())
             .spawn(move || write_loop(rx, out))?;
-        Ok(Sink { tx })
+        Ok(Sink {
+            tx,
+            dropped: AtomicU64::new(0),
+        })
     }
 
-    /// Queues one finished line (newline included).
+    /// Queues one finished line (newline included), or counts it as
+    /// dropped when the queue is full.
     pub fn write(&self, line: Vec<u8>) {
-        let _ = self.tx.send(Msg::Line(line));
+        if let Err(TrySendError::Full(_)) = self.tx.try_send(Msg::Line(line)) {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Lines dropped since the last call.
+    pub fn take_dropped(&self) -> u64 {
+        if self.dropped.load(Ordering::Relaxed) == 0 {
+            return 0;
+        }
+        self.dropped.swap(0, Ordering::Relaxed)
     }
 
     /// Waits (up to `timeout`) until every line queued before this call is

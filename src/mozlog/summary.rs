@@ -14,7 +14,8 @@ use super::{Logger, Severity};
 pub struct RequestSummary {
     logger: Arc<Logger>,
     start: Instant,
-    method: Method,
+    /// `None` when the request could not be parsed.
+    method: Option<Method>,
     path: String,
     querystring: Option<String>,
     agent: String,
@@ -23,7 +24,12 @@ pub struct RequestSummary {
     code: u16,
     /// Why the proxy failed the request; `Some` makes the line an error.
     failure: Option<String>,
+    /// An explanation that is not a failure of the proxy.
+    note: Option<&'static str>,
 }
+
+/// The status logged for a request abandoned before its response (nginx's).
+const CLIENT_CLOSED: u16 = 499;
 
 #[derive(Serialize)]
 struct Fields<'a> {
@@ -71,7 +77,7 @@ impl RequestSummary {
         RequestSummary {
             logger,
             start,
-            method: method.clone(),
+            method: Some(method.clone()),
             path: uri.path().to_owned(),
             querystring,
             agent: header(http::header::USER_AGENT),
@@ -79,6 +85,25 @@ impl RequestSummary {
             rid,
             code: 0,
             failure: None,
+            note: None,
+        }
+    }
+
+    /// The line for a request hyper refused before it could be routed (a
+    /// malformed request line or headers): no method, path or id is known.
+    pub fn unparsed(logger: Arc<Logger>, code: u16, cause: String) -> RequestSummary {
+        RequestSummary {
+            logger,
+            start: Instant::now(),
+            method: None,
+            path: String::new(),
+            querystring: None,
+            agent: String::new(),
+            lang: String::new(),
+            rid: String::new(),
+            code,
+            failure: Some(cause),
+            note: None,
         }
     }
 
@@ -108,6 +133,13 @@ impl RequestSummary {
 
 impl Drop for RequestSummary {
     fn drop(&mut self) {
+        if self.code == 0 {
+            // Dropped before any status was chosen: the client went away (or
+            // the grace period ended) while the request was still upstream.
+            // nginx's 499 says exactly that.
+            self.code = CLIENT_CLOSED;
+            self.note = Some("client closed the request before the response was sent");
+        }
         let t = self.start.elapsed().as_millis() as u64;
         let severity = if self.failure.is_some() {
             Severity::Error
@@ -118,21 +150,22 @@ impl Drop for RequestSummary {
             errno: if self.failure.is_some() { self.code } else { 0 },
             agent: &self.agent,
             lang: &self.lang,
-            method: self.method.as_str(),
+            method: self.method.as_ref().map_or("", Method::as_str),
             path: &self.path,
             querystring: self.querystring.as_deref(),
             rid: &self.rid,
             t,
             code: self.code,
-            msg: self.failure.as_deref(),
+            msg: self.failure.as_deref().or(self.note),
         };
         self.logger.emit("request.summary", severity, &fields, |s| {
-            let _ = write!(s, " {} {} {}", self.code, self.method, self.path);
+            let method = self.method.as_ref().map_or("-", Method::as_str);
+            let _ = write!(s, " {} {method} {}", self.code, self.path);
             if let Some(q) = &self.querystring {
                 let _ = write!(s, "?{q}");
             }
             let _ = write!(s, " {t}ms rid={}", self.rid);
-            if let Some(msg) = &self.failure {
+            if let Some(msg) = self.failure.as_deref().or(self.note) {
                 let _ = write!(s, " msg={msg:?}");
             }
         });

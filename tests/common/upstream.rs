@@ -4,6 +4,7 @@
 //! - `/trailers`: a chunked body with an `x-checksum` trailer;
 //! - `/hop`: response headers a proxy must strip;
 //! - `/upgrade`: 101 to protocol `echo`, then echoes bytes back;
+//! - `/bogus-101`: 101 whatever the request asked;
 //! - `/count`: reads the body and answers `{"bytes": n}`;
 //! - `/download/<n>`: streams n bytes;
 //! - anything else: a JSON echo of the request as received.
@@ -192,6 +193,12 @@ async fn handle(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible
             let mut resp = full(StatusCode::SWITCHING_PROTOCOLS, Bytes::new());
             resp.headers_mut()
                 .insert("connection", "upgrade".parse().unwrap());
+            resp.headers_mut()
+                .insert("upgrade", "echo".parse().unwrap());
+            resp
+        }
+        ["", "bogus-101"] => {
+            let mut resp = full(StatusCode::SWITCHING_PROTOCOLS, Bytes::new());
             resp.headers_mut()
                 .insert("upgrade", "echo".parse().unwrap());
             resp
