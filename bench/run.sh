@@ -1,0 +1,436 @@
+#!/usr/bin/env bash
+# Throughput and latency of the sidecar next to nginx and haproxy, measured in
+# one run on this machine and reported as ratios (the machine is small, shared
+# and noisy: only same-run ratios mean anything).
+#
+#   bash bench/run.sh
+#
+# Starts a bare upstream (examples/bench_upstream.rs: 200 + 1 KiB body), then
+# nginx, haproxy and the sidecar in front of it, all on 127.0.0.1 with free
+# ports, drives each with the same wrk load (keep-alive, 64 connections,
+# 2 threads) after a short warm-up, prints a table and writes
+# bench/out/results.json. Everything it starts is stopped on exit.
+#
+# Environment:
+#   BENCH_DURATION     measured wrk run per target and round   (default 10s)
+#   BENCH_WARMUP       unmeasured wrk run before each one       (default 2s)
+#   BENCH_ROUNDS       rounds over all targets; medians are kept (default 3)
+#   BENCH_CONNECTIONS  wrk connections                          (default 64)
+#   BENCH_THREADS      wrk threads                              (default 2)
+#   BENCH_SKIP_BUILD=1 use the existing release binaries as they are
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+OUT="$ROOT/bench/out"
+DURATION=${BENCH_DURATION:-10s}
+WARMUP=${BENCH_WARMUP:-2s}
+ROUNDS=${BENCH_ROUNDS:-3}
+CONNECTIONS=${BENCH_CONNECTIONS:-64}
+THREADS=${BENCH_THREADS:-2}
+READY_TIMEOUT=15 # seconds a server gets to start answering
+STOP_TIMEOUT=10  # seconds a server gets to exit after SIGTERM
+
+NGINX=${NGINX:-/usr/sbin/nginx}
+HAPROXY=${HAPROXY:-/usr/sbin/haproxy}
+WRK=${WRK:-/usr/bin/wrk}
+SIDECAR="$ROOT/target/release/dockerflow-sidecar"
+UPSTREAM_BIN="$ROOT/target/release/examples/bench_upstream"
+
+log() { printf '[bench] %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+for tool in "$NGINX" "$HAPROXY" "$WRK" curl python3; do
+    command -v "$tool" >/dev/null || die "$tool is not installed"
+done
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "BENCH_ROUNDS must be a positive integer, not '$ROUNDS'"
+
+# --- processes we start, stopped on exit -----------------------------------
+PIDS=()
+
+stop_pid() {
+    local pid=$1 deadline
+    kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
+    kill -TERM "$pid" 2>/dev/null || true
+    deadline=$((SECONDS + STOP_TIMEOUT))
+    while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do
+        sleep 0.05
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        log "pid $pid did not stop after SIGTERM; sending SIGKILL"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    local rc=$? pid
+    trap - EXIT INT TERM
+    for pid in "${PIDS[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        stop_pid "$pid"
+    done
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# --- helpers -----------------------------------------------------------------
+
+# A port that was free a moment ago (bound to port 0, then released).
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+# wait_http NAME PID URL: poll URL until it answers 200, with a deadline.
+wait_http() {
+    local name=$1 pid=$2 url=$3 deadline code
+    deadline=$((SECONDS + READY_TIMEOUT))
+    while ((SECONDS < deadline)); do
+        kill -0 "$pid" 2>/dev/null || die "$name exited before it was ready (see $OUT)"
+        code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$url" || true)
+        [[ $code == 200 ]] && return 0
+        sleep 0.05
+    done
+    die "$name did not answer 200 on $url within ${READY_TIMEOUT}s (see $OUT)"
+}
+
+# first_line NAME PID FILE: the first line of FILE once it is complete.
+first_line() {
+    local name=$1 pid=$2 file=$3 deadline line
+    deadline=$((SECONDS + READY_TIMEOUT))
+    while ((SECONDS < deadline)); do
+        # Only a complete line (newline written) counts.
+        if [[ -s $file ]] && (($(wc -l <"$file") >= 1)); then
+            line=$(head -n 1 "$file")
+            printf '%s\n' "$line"
+            return 0
+        fi
+        kill -0 "$pid" 2>/dev/null || die "$name exited before it printed its address"
+        sleep 0.05
+    done
+    die "$name printed nothing within ${READY_TIMEOUT}s"
+}
+
+# --- build -------------------------------------------------------------------
+if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
+    log "building release binaries"
+    (cd "$ROOT" && cargo build --release --quiet --bin dockerflow-sidecar --example bench_upstream)
+fi
+[[ -x $SIDECAR ]] || die "$SIDECAR is missing"
+[[ -x $UPSTREAM_BIN ]] || die "$UPSTREAM_BIN is missing"
+
+rm -rf "$OUT"
+mkdir -p "$OUT/nginx" "$OUT/haproxy"
+
+# wrk prints one JSON line with exact percentiles (microseconds) when done.
+cat >"$OUT/report.lua" <<'LUA'
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'BENCH_JSON {"requests":%d,"duration_us":%d,"rps":%.1f,' ..
+    '"p50_us":%.0f,"p90_us":%.0f,"p99_us":%.0f,"mean_us":%.1f,"max_us":%.0f,' ..
+    '"errors":{"connect":%d,"read":%d,"write":%d,"status":%d,"timeout":%d}}\n',
+    summary.requests, summary.duration,
+    summary.requests / (summary.duration / 1e6),
+    latency:percentile(50), latency:percentile(90), latency:percentile(99),
+    latency.mean, latency.max,
+    e.connect, e.read, e.write, e.status, e.timeout))
+end
+LUA
+
+# --- upstream ------------------------------------------------------------------
+"$UPSTREAM_BIN" 127.0.0.1:0 >"$OUT/upstream.out" 2>"$OUT/upstream.err" &
+UPSTREAM_PID=$!
+PIDS+=("$UPSTREAM_PID")
+UPSTREAM_ADDR=$(first_line upstream "$UPSTREAM_PID" "$OUT/upstream.out")
+[[ $UPSTREAM_ADDR =~ ^127\.0\.0\.1:([0-9]+)$ ]] || die "upstream printed '$UPSTREAM_ADDR', not an address"
+UPSTREAM_PORT=${BASH_REMATCH[1]}
+wait_http upstream "$UPSTREAM_PID" "http://$UPSTREAM_ADDR/"
+log "upstream on $UPSTREAM_ADDR (pid $UPSTREAM_PID)"
+
+# --- nginx -------------------------------------------------------------------
+NGINX_PORT=$(free_port)
+NGINX_USER=""
+if [[ $(id -u) == 0 ]]; then
+    NGINX_USER="user root;"
+fi
+cat >"$OUT/nginx/nginx.conf" <<EOF
+$NGINX_USER
+daemon off;
+master_process on;
+worker_processes 1;
+pid $OUT/nginx/nginx.pid;
+error_log $OUT/nginx/error.log warn;
+
+events {
+    worker_connections 4096;
+}
+
+http {
+    # Logging on, as the sidecar logs every request (buffered, as the
+    # sidecar's own log writer batches its lines).
+    access_log $OUT/nginx/access.log combined buffer=64k flush=1s;
+    client_body_temp_path $OUT/nginx/client_body;
+    proxy_temp_path $OUT/nginx/proxy;
+    fastcgi_temp_path $OUT/nginx/fastcgi;
+    uwsgi_temp_path $OUT/nginx/uwsgi;
+    scgi_temp_path $OUT/nginx/scgi;
+    keepalive_timeout 60s;
+    keepalive_requests 1000000;
+
+    upstream app {
+        server 127.0.0.1:$UPSTREAM_PORT;
+        keepalive 64;
+        keepalive_requests 1000000;
+    }
+
+    server {
+        listen 127.0.0.1:$NGINX_PORT;
+        location / {
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+"$NGINX" -p "$OUT/nginx/" -e "$OUT/nginx/error.log" -c "$OUT/nginx/nginx.conf" \
+    >"$OUT/nginx/stdout.log" 2>&1 &
+NGINX_PID=$!
+PIDS+=("$NGINX_PID")
+wait_http nginx "$NGINX_PID" "http://127.0.0.1:$NGINX_PORT/"
+log "nginx on 127.0.0.1:$NGINX_PORT (pid $NGINX_PID)"
+
+# --- haproxy -------------------------------------------------------------------
+HAPROXY_PORT=$(free_port)
+cat >"$OUT/haproxy/haproxy.cfg" <<EOF
+global
+    nbthread 1
+    maxconn 4096
+
+defaults
+    mode http
+    option http-keep-alive
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout http-keep-alive 60s
+
+frontend bench
+    bind 127.0.0.1:$HAPROXY_PORT
+    default_backend app
+
+backend app
+    http-reuse always
+    server app 127.0.0.1:$UPSTREAM_PORT
+EOF
+"$HAPROXY" -db -f "$OUT/haproxy/haproxy.cfg" >"$OUT/haproxy/stdout.log" 2>&1 &
+HAPROXY_PID=$!
+PIDS+=("$HAPROXY_PID")
+wait_http haproxy "$HAPROXY_PID" "http://127.0.0.1:$HAPROXY_PORT/"
+log "haproxy on 127.0.0.1:$HAPROXY_PORT (pid $HAPROXY_PID)"
+
+# --- sidecar -----------------------------------------------------------------
+# start_sidecar WORKER_THREADS LOGFILE: sets SIDECAR_PORT and SIDECAR_PID.
+start_sidecar() {
+    local threads=$1 logfile=$2
+    SIDECAR_PORT=$(free_port)
+    PORT=$SIDECAR_PORT \
+        DOCKERFLOW_LISTEN=127.0.0.1:$SIDECAR_PORT \
+        DOCKERFLOW_SERVER__WORKER_THREADS=$threads \
+        DOCKERFLOW_SHUTDOWN__DRAIN=0s \
+        DOCKERFLOW_SHUTDOWN__GRACE=1s \
+        "$SIDECAR" --upstream "http://127.0.0.1:$UPSTREAM_PORT" >"$logfile" 2>&1 &
+    SIDECAR_PID=$!
+    PIDS+=("$SIDECAR_PID")
+    wait_http "sidecar ($threads threads)" "$SIDECAR_PID" "http://127.0.0.1:$SIDECAR_PORT/__lbheartbeat__"
+    grep -q '"msg":"listening"' "$logfile" || die "sidecar answered but never logged 'listening'"
+}
+
+start_sidecar 1 "$OUT/sidecar.log"
+SIDECAR1_PORT=$SIDECAR_PORT
+log "sidecar (1 thread) on 127.0.0.1:$SIDECAR1_PORT (pid $SIDECAR_PID)"
+start_sidecar 0 "$OUT/sidecar-2threads.log"
+SIDECAR2_PORT=$SIDECAR_PORT
+log "sidecar (default threads = $(nproc) CPUs) on 127.0.0.1:$SIDECAR2_PORT (pid $SIDECAR_PID)"
+
+# --- load --------------------------------------------------------------------
+# Targets: key|label|url, in the order they are measured within a round: the
+# sidecar right between nginx and haproxy, so that the runs whose ratios are
+# the point are close in time (the machine's background load drifts).
+TARGETS=(
+    "upstream|upstream (direct)|http://$UPSTREAM_ADDR/"
+    "nginx|nginx (1 worker)|http://127.0.0.1:$NGINX_PORT/"
+    "sidecar|sidecar (1 thread)|http://127.0.0.1:$SIDECAR1_PORT/"
+    "haproxy|haproxy (1 thread)|http://127.0.0.1:$HAPROXY_PORT/"
+    "sidecar_2t|sidecar (2 threads)|http://127.0.0.1:$SIDECAR2_PORT/"
+    "lbheartbeat|sidecar /__lbheartbeat__ (1 thread)|http://127.0.0.1:$SIDECAR1_PORT/__lbheartbeat__"
+)
+
+: >"$OUT/rows.jsonl"
+# Other work on the machine skews everything: record how busy it was.
+LOADAVG_START=$(cut -d' ' -f1-3 /proc/loadavg)
+log "load: wrk -t$THREADS -c$CONNECTIONS, warm-up $WARMUP, measure $DURATION, $ROUNDS round(s), ${#TARGETS[@]} targets"
+for ((round = 1; round <= ROUNDS; round++)); do
+    for target in "${TARGETS[@]}"; do
+        IFS='|' read -r key label url <<<"$target"
+        log "round $round/$ROUNDS: $label"
+        "$WRK" -t"$THREADS" -c"$CONNECTIONS" -d"$WARMUP" "$url" >"$OUT/wrk-$key-r$round-warmup.txt" 2>&1
+        "$WRK" -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s "$OUT/report.lua" "$url" \
+            >"$OUT/wrk-$key-r$round.txt" 2>&1
+        json=$(sed -n 's/^BENCH_JSON //p' "$OUT/wrk-$key-r$round.txt")
+        [[ -n $json ]] || die "wrk printed no result for $label (see $OUT/wrk-$key-r$round.txt)"
+        printf '{"key":"%s","label":"%s","url":"%s","round":%d,"wrk":%s}\n' \
+            "$key" "$label" "$url" "$round" "$json" >>"$OUT/rows.jsonl"
+    done
+done
+
+# Stop the servers now so their logs are complete (the sidecar flushes on exit).
+for pid in "${PIDS[@]}"; do
+    stop_pid "$pid"
+done
+PIDS=()
+
+# --- report ------------------------------------------------------------------
+LOADAVG_END=$(cut -d' ' -f1-3 /proc/loadavg)
+LOADAVG_START=$LOADAVG_START LOADAVG_END=$LOADAVG_END \
+    BENCH_OUT=$OUT BENCH_DURATION=$DURATION BENCH_WARMUP=$WARMUP BENCH_ROUNDS=$ROUNDS \
+    BENCH_CONNECTIONS=$CONNECTIONS BENCH_THREADS=$THREADS \
+    NGINX_VERSION=$("$NGINX" -v 2>&1 | sed 's/^nginx version: //') \
+    HAPROXY_VERSION=$("$HAPROXY" -v | head -n 1) \
+    WRK_VERSION=$("$WRK" -v 2>&1 | head -n 1 | cut -d' ' -f1-2) \
+    python3 - <<'PY'
+import datetime, json, os, platform, statistics
+
+out = os.environ["BENCH_OUT"]
+rows = [json.loads(line) for line in open(os.path.join(out, "rows.jsonl"))]
+
+# Display order (the measuring order differs, see TARGETS).
+order = ["upstream", "nginx", "haproxy", "sidecar", "sidecar_2t", "lbheartbeat"]
+labels, by_key = {}, {}
+for r in rows:
+    labels[r["key"]] = r["label"]
+    by_key.setdefault(r["key"], []).append(r["wrk"])
+order = [k for k in order if k in by_key] + [k for k in by_key if k not in order]
+
+def median(key, field):
+    return statistics.median(w[field] for w in by_key[key])
+
+results = {}
+for k in order:
+    runs = by_key[k]
+    errors = {e: sum(w["errors"][e] for w in runs) for e in runs[0]["errors"]}
+    results[k] = {
+        "label": labels[k],
+        "rps": median(k, "rps"),
+        "p50_ms": median(k, "p50_us") / 1000,
+        "p90_ms": median(k, "p90_us") / 1000,
+        "p99_ms": median(k, "p99_us") / 1000,
+        "requests": sum(w["requests"] for w in runs),
+        "errors": errors,
+        "rounds": runs,
+    }
+
+# Ratios are paired: a/b within each round (same minutes, same background
+# load), then the median over rounds.
+def ratio(a, b):
+    pairs = list(zip(by_key[a], by_key[b]))
+    def med(field):
+        return statistics.median(x[field] / y[field] for x, y in pairs)
+    return {
+        "throughput": med("rps"),
+        "p50": med("p50_us"),
+        "p99": med("p99_us"),
+        "throughput_per_round": [x["rps"] / y["rps"] for x, y in pairs],
+    }
+
+ratios = {
+    "sidecar/nginx": ratio("sidecar", "nginx"),
+    "sidecar/haproxy": ratio("sidecar", "haproxy"),
+    "sidecar (2 threads)/nginx": ratio("sidecar_2t", "nginx"),
+    "sidecar (2 threads)/haproxy": ratio("sidecar_2t", "haproxy"),
+}
+goal = ratios["sidecar/nginx"]["throughput"]
+target = {
+    "text": "sidecar throughput >= 0.8 x nginx (product goal 1.1 x)",
+    "sidecar_over_nginx": goal,
+    "met": goal >= 0.8,
+    "product_goal_met": goal >= 1.1,
+}
+
+def lines(path):
+    try:
+        with open(path, "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return None
+
+def cpu_model():
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+env = os.environ
+meta = {
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "cpus": os.cpu_count(),
+    "cpu_model": cpu_model(),
+    "kernel": platform.release(),
+    "load": {
+        "tool": env["WRK_VERSION"],
+        "connections": int(env["BENCH_CONNECTIONS"]),
+        "threads": int(env["BENCH_THREADS"]),
+        "duration": env["BENCH_DURATION"],
+        "warmup": env["BENCH_WARMUP"],
+        "rounds": int(env["BENCH_ROUNDS"]),
+        "aggregate": "median over rounds; ratios: median of per-round ratios",
+    },
+    "loadavg_start": env["LOADAVG_START"],
+    "loadavg_end": env["LOADAVG_END"],
+    "nginx": env["NGINX_VERSION"],
+    "haproxy": env["HAPROXY_VERSION"],
+    "log_lines": {
+        "sidecar.log": lines(os.path.join(out, "sidecar.log")),
+        "sidecar-2threads.log": lines(os.path.join(out, "sidecar-2threads.log")),
+        "nginx/access.log": lines(os.path.join(out, "nginx", "access.log")),
+    },
+}
+
+with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump({"meta": meta, "results": results, "ratios": ratios, "target": target}, f, indent=2)
+    f.write("\n")
+
+w = max(len(r["label"]) for r in results.values())
+print()
+print(f"{meta['cpus']} CPUs ({meta['cpu_model']}); wrk -t{meta['load']['threads']} -c{meta['load']['connections']} "
+      f"-d{meta['load']['duration']} (warm-up {meta['load']['warmup']}), {meta['load']['rounds']} round(s), median kept")
+print(f"load average before: {meta['loadavg_start']}, after: {meta['loadavg_end']}")
+print()
+print(f"{'target':<{w}}  {'req/s':>10}  {'p50 ms':>8}  {'p99 ms':>8}  {'errors':>6}")
+print(f"{'-' * w}  {'-' * 10}  {'-' * 8}  {'-' * 8}  {'-' * 6}")
+for r in results.values():
+    print(f"{r['label']:<{w}}  {r['rps']:>10.0f}  {r['p50_ms']:>8.3f}  {r['p99_ms']:>8.3f}  {sum(r['errors'].values()):>6}")
+print()
+rw = max(len(k) for k in ratios)
+print(f"{'ratio':<{rw}}  {'req/s':>6}  {'p50':>6}  {'p99':>6}  req/s per round")
+print(f"{'-' * rw}  {'-' * 6}  {'-' * 6}  {'-' * 6}  {'-' * 15}")
+for name, r in ratios.items():
+    per_round = " ".join(f"{x:.2f}" for x in r["throughput_per_round"])
+    print(f"{name:<{rw}}  {r['throughput']:>6.2f}  {r['p50']:>6.2f}  {r['p99']:>6.2f}  {per_round}")
+print("(req/s ratio: higher is better for the sidecar; p50/p99 ratios: lower is better)")
+print()
+verdict = "MET" if target["met"] else "NOT MET"
+product = "met" if target["product_goal_met"] else "not met"
+print(f"target: {target['text']}: sidecar/nginx = {goal:.2f} x -> {verdict} (product goal: {product})")
+ll = meta["log_lines"]
+print(f"log lines written: sidecar.log {ll['sidecar.log']}, sidecar-2threads.log {ll['sidecar-2threads.log']}, "
+      f"nginx access.log {ll['nginx/access.log']}")
+bad = [r["label"] for r in results.values() if sum(r["errors"].values())]
+if bad:
+    print("WARNING: wrk counted errors (non-2xx/3xx, timeouts, socket errors) for: " + ", ".join(bad))
+print(f"results: {os.path.join(out, 'results.json')}")
+PY
