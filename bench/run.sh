@@ -278,13 +278,15 @@ for ((round = 1; round <= ROUNDS; round++)); do
     for target in "${TARGETS[@]}"; do
         IFS='|' read -r key label url <<<"$target"
         log "round $round/$ROUNDS: $label"
-        "$WRK" -t"$THREADS" -c"$CONNECTIONS" -d"$WARMUP" "$url" >"$OUT/wrk-$key-r$round-warmup.txt" 2>&1
+        "$WRK" -t"$THREADS" -c"$CONNECTIONS" -d"$WARMUP" -s "$OUT/report.lua" "$url" \
+            >"$OUT/wrk-$key-r$round-warmup.txt" 2>&1
         "$WRK" -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s "$OUT/report.lua" "$url" \
             >"$OUT/wrk-$key-r$round.txt" 2>&1
+        warm=$(sed -n 's/^BENCH_JSON //p' "$OUT/wrk-$key-r$round-warmup.txt")
         json=$(sed -n 's/^BENCH_JSON //p' "$OUT/wrk-$key-r$round.txt")
-        [[ -n $json ]] || die "wrk printed no result for $label (see $OUT/wrk-$key-r$round.txt)"
-        printf '{"key":"%s","label":"%s","url":"%s","round":%d,"wrk":%s}\n' \
-            "$key" "$label" "$url" "$round" "$json" >>"$OUT/rows.jsonl"
+        [[ -n $warm && -n $json ]] || die "wrk printed no result for $label (see $OUT/wrk-$key-r$round*.txt)"
+        printf '{"key":"%s","label":"%s","url":"%s","round":%d,"wrk":%s,"warmup":%s}\n' \
+            "$key" "$label" "$url" "$round" "$json" "$warm" >>"$OUT/rows.jsonl"
     done
 done
 
@@ -303,7 +305,7 @@ LOADAVG_START=$LOADAVG_START LOADAVG_END=$LOADAVG_END \
     HAPROXY_VERSION=$("$HAPROXY" -v | head -n 1) \
     WRK_VERSION=$("$WRK" -v 2>&1 | head -n 1 | cut -d' ' -f1-2) \
     python3 - <<'PY'
-import datetime, json, os, platform, statistics
+import datetime, json, os, platform, statistics, subprocess
 
 out = os.environ["BENCH_OUT"]
 rows = [json.loads(line) for line in open(os.path.join(out, "rows.jsonl"))]
@@ -361,12 +363,29 @@ target = {
     "product_goal_met": goal >= 1.1,
 }
 
-def lines(path):
+# Logging is part of the job: check that every request sent (warm-ups
+# included) left a line, so a proxy that drops log lines under load is caught.
+# A few more lines than requests are normal: readiness probes, and requests
+# still in flight when a wrk run stops are answered and logged.
+def count_lines(path, needle=None):
+    cmd = ["grep", "-c", "-F", needle, path] if needle else ["wc", "-l", path]
     try:
-        with open(path, "rb") as f:
-            return sum(1 for _ in f)
-    except OSError:
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        return int(res.stdout.split()[0])
+    except (OSError, ValueError, IndexError):
         return None
+
+logs = {
+    "sidecar.log": (["sidecar", "lbheartbeat"], '"Type":"request.summary"'),
+    "sidecar-2threads.log": (["sidecar_2t"], '"Type":"request.summary"'),
+    "nginx/access.log": (["nginx"], None),
+}
+log_check = {}
+for name, (keys, needle) in logs.items():
+    sent = sum(r["wrk"]["requests"] + r["warmup"]["requests"] for r in rows if r["key"] in keys)
+    logged = count_lines(os.path.join(out, name), needle)
+    log_check[name] = {"requests_sent": sent, "request_lines": logged,
+                       "missing": None if logged is None else max(0, sent - logged)}
 
 def cpu_model():
     for line in open("/proc/cpuinfo"):
@@ -393,11 +412,7 @@ meta = {
     "loadavg_end": env["LOADAVG_END"],
     "nginx": env["NGINX_VERSION"],
     "haproxy": env["HAPROXY_VERSION"],
-    "log_lines": {
-        "sidecar.log": lines(os.path.join(out, "sidecar.log")),
-        "sidecar-2threads.log": lines(os.path.join(out, "sidecar-2threads.log")),
-        "nginx/access.log": lines(os.path.join(out, "nginx", "access.log")),
-    },
+    "logs": log_check,
 }
 
 with open(os.path.join(out, "results.json"), "w") as f:
@@ -426,9 +441,14 @@ print()
 verdict = "MET" if target["met"] else "NOT MET"
 product = "met" if target["product_goal_met"] else "not met"
 print(f"target: {target['text']}: sidecar/nginx = {goal:.2f} x -> {verdict} (product goal: {product})")
-ll = meta["log_lines"]
-print(f"log lines written: sidecar.log {ll['sidecar.log']}, sidecar-2threads.log {ll['sidecar-2threads.log']}, "
-      f"nginx access.log {ll['nginx/access.log']}")
+for name, c in log_check.items():
+    if c["request_lines"] is None:
+        print(f"WARNING: {name}: cannot count its lines")
+    elif c["missing"]:
+        print(f"WARNING: {name}: {c['request_lines']} request lines for {c['requests_sent']} requests sent: "
+              f"{c['missing']} lines missing (dropped under load?)")
+    else:
+        print(f"log {name}: {c['request_lines']} request lines for {c['requests_sent']} requests sent")
 bad = [r["label"] for r in results.values() if sum(r["errors"].values())]
 if bad:
     print("WARNING: wrk counted errors (non-2xx/3xx, timeouts, socket errors) for: " + ", ".join(bad))
