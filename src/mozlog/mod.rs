@@ -20,6 +20,11 @@ pub use layer::MozlogLayer;
 pub use sink::Sink;
 pub use summary::RequestSummary;
 
+thread_local! {
+    /// Each thread formats its lines here, so a line costs no allocation.
+    static LINE: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(512));
+}
+
 /// The mozlog envelope version.
 const ENV_VERSION: &str = "2.0";
 
@@ -97,9 +102,32 @@ impl Logger {
         text: impl FnOnce(&mut String),
     ) {
         let now = SystemTime::now();
-        let line = match self.format {
+        LINE.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut buf) => {
+                buf.clear();
+                self.render(&mut buf, kind, severity, fields, text, now);
+                self.sink.write(&buf);
+            }
+            // Re-entered while formatting (never expected): use a fresh buffer.
+            Err(_) => {
+                let mut buf = Vec::new();
+                self.render(&mut buf, kind, severity, fields, text, now);
+                self.sink.write(&buf);
+            }
+        });
+    }
+
+    fn render<F: Serialize>(
+        &self,
+        buf: &mut Vec<u8>,
+        kind: &str,
+        severity: Severity,
+        fields: &F,
+        text: impl FnOnce(&mut String),
+        now: SystemTime,
+    ) {
+        match self.format {
             LogFormat::Mozlog => {
-                let mut buf = Vec::with_capacity(384);
                 let envelope = Envelope {
                     Timestamp: now
                         .duration_since(UNIX_EPOCH)
@@ -112,11 +140,11 @@ impl Logger {
                     Pid: self.pid,
                     Fields: fields,
                 };
-                if serde_json::to_writer(&mut buf, &envelope).is_err() {
+                if serde_json::to_writer(&mut *buf, &envelope).is_err() {
+                    buf.clear();
                     return;
                 }
                 buf.push(b'\n');
-                buf
             }
             LogFormat::Text => {
                 let mut s = format!(
@@ -126,10 +154,9 @@ impl Logger {
                 );
                 text(&mut s);
                 s.push('\n');
-                s.into_bytes()
+                buf.extend_from_slice(s.as_bytes());
             }
-        };
-        self.sink.write(line);
+        }
     }
 
     /// Waits until every line written so far is on stdout.
