@@ -247,7 +247,12 @@ start_sidecar() {
     SIDECAR_PID=$!
     PIDS+=("$SIDECAR_PID")
     wait_http "sidecar ($threads threads)" "$SIDECAR_PID" "http://127.0.0.1:$SIDECAR_PORT/__lbheartbeat__"
-    grep -q '"msg":"listening"' "$logfile" || die "sidecar answered but never logged 'listening'"
+    # Log lines reach the file in batches (every ~10 ms): wait for it.
+    local deadline=$((SECONDS + READY_TIMEOUT))
+    until grep -q '"msg":"listening"' "$logfile"; do
+        ((SECONDS < deadline)) || die "sidecar answered but never logged 'listening'"
+        sleep 0.02
+    done
 }
 
 start_sidecar 1 "$OUT/sidecar.log"

@@ -77,11 +77,18 @@ fn serve(config: Config) -> ExitCode {
         tracing_subscriber::registry().with(MozlogLayer::new(logger.clone(), config.logging.level));
     let _ = tracing::subscriber::set_global_default(subscriber);
 
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    // One worker needs no work stealing: the current-thread scheduler does
+    // the same job with less bookkeeping per task wake-up.
+    let mut runtime = if config.server.worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if config.server.worker_threads > 1 {
+            builder.worker_threads(config.server.worker_threads);
+        }
+        builder
+    };
     runtime.enable_all();
-    if config.server.worker_threads > 0 {
-        runtime.worker_threads(config.server.worker_threads);
-    }
     let runtime = match runtime.build() {
         Ok(runtime) => runtime,
         Err(e) => {
