@@ -207,28 +207,13 @@ async fn response_trailers_reach_a_client_that_accepts_them() {
 
 #[tokio::test]
 async fn websocket_style_upgrade_is_tunnelled_both_ways() {
-    use std::io::{Read, Write};
     let app = Upstream::start();
     let sidecar = SidecarBuilder::new(&app.url()).start();
-    let mut stream = std::net::TcpStream::connect(sidecar.addr).unwrap();
-    stream.set_read_timeout(Some(common::DEADLINE)).unwrap();
-    stream
-        .write_all(b"GET /upgrade HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: echo\r\nx-request-id: tun-1\r\n\r\n")
-        .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        stream.read_exact(&mut byte).unwrap();
-        head.push(byte[0]);
-    }
-    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    let (mut stream, head) = common::open_tunnel(sidecar.addr, "tun-1");
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: echo"), "{head}");
     for message in ["ping", "second message"] {
-        stream.write_all(message.as_bytes()).unwrap();
-        let mut reply = vec![0u8; 5 + message.len()];
-        stream.read_exact(&mut reply).unwrap();
-        assert_eq!(String::from_utf8(reply).unwrap(), format!("echo:{message}"));
+        common::assert_echo(&mut stream, message);
     }
     drop(stream);
     let line = sidecar.summary_for("tun-1");
@@ -529,14 +514,7 @@ async fn client_that_leaves_early_is_logged_as_499() {
     stream
         .write_all(b"GET /slow/1500 HTTP/1.1\r\nHost: h\r\nx-request-id: gone-1\r\n\r\n")
         .unwrap();
-    let end = std::time::Instant::now() + common::DEADLINE;
-    while app.hits() == 0 {
-        assert!(
-            std::time::Instant::now() < end,
-            "the request never reached the app"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    app.wait_for_hits(1).await;
     drop(stream);
     let line = sidecar.summary_for("gone-1");
     assert_eq!(line["Fields"]["code"], 499, "{line}");

@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::{get, SidecarBuilder, Upstream};
 
 #[tokio::test]
@@ -15,14 +13,7 @@ async fn request_in_flight_at_sigterm_still_completes() {
         .start();
     let slow_url = sidecar.url("/slow/4000");
     let slow = tokio::spawn(async move { get(&slow_url, &[("x-request-id", "inflight-1")]).await });
-    let end = std::time::Instant::now() + common::DEADLINE;
-    while app.hits() == 0 {
-        assert!(
-            std::time::Instant::now() < end,
-            "the slow request never reached the app"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    app.wait_for_hits(1).await;
 
     sidecar.signal(libc::SIGTERM);
     sidecar
@@ -94,29 +85,16 @@ async fn second_signal_exits_at_once() {
 
 #[tokio::test]
 async fn open_tunnel_keeps_the_process_until_it_closes() {
-    use std::io::{Read, Write};
     let app = Upstream::start();
     let mut sidecar = SidecarBuilder::new(&app.url()).start();
-    let mut stream = std::net::TcpStream::connect(sidecar.addr).unwrap();
-    stream.set_read_timeout(Some(common::DEADLINE)).unwrap();
-    stream
-        .write_all(b"GET /upgrade HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nUpgrade: echo\r\nx-request-id: tun-2\r\n\r\n")
-        .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        stream.read_exact(&mut byte).unwrap();
-        head.push(byte[0]);
-    }
+    let (mut stream, head) = common::open_tunnel(sidecar.addr, "tun-2");
+    assert!(head.starts_with("http/1.1 101"), "{head}");
     sidecar.signal(libc::SIGTERM);
     sidecar
         .stdout
         .wait_for("listener closed", |l| l.contains("listener closed"));
     // The tunnel still works after the listener closed.
-    stream.write_all(b"still here").unwrap();
-    let mut reply = [0u8; 15];
-    stream.read_exact(&mut reply).unwrap();
-    assert_eq!(&reply, b"echo:still here");
+    common::assert_echo(&mut stream, "still here");
     drop(stream);
     assert_eq!(sidecar.wait_exit(), Some(0));
     assert_eq!(sidecar.summary_for("tun-2")["Fields"]["code"], 101);

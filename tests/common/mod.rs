@@ -370,3 +370,31 @@ pub fn raw(addr: SocketAddr, request: &[u8]) -> String {
     let _ = stream.read_to_end(&mut out);
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// Opens a connection, asks to upgrade `/upgrade` to the `echo` protocol with
+/// request id `rid`, and returns the stream and the response head (lower-cased).
+pub fn open_tunnel(addr: SocketAddr, rid: &str) -> (TcpStream, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    let request =
+        format!("GET /upgrade HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: echo\r\nx-request-id: {rid}\r\n\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    (
+        stream,
+        String::from_utf8(head).unwrap().to_ascii_lowercase(),
+    )
+}
+
+/// Sends `message` through an open echo tunnel and checks the echo.
+pub fn assert_echo(stream: &mut TcpStream, message: &str) {
+    stream.write_all(message.as_bytes()).unwrap();
+    let mut reply = vec![0u8; 5 + message.len()];
+    stream.read_exact(&mut reply).unwrap();
+    assert_eq!(String::from_utf8(reply).unwrap(), format!("echo:{message}"));
+}

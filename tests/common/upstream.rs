@@ -87,6 +87,19 @@ impl Upstream {
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
     }
+
+    /// Waits (with the harness deadline) until `n` requests have arrived.
+    pub async fn wait_for_hits(&self, n: usize) {
+        let end = std::time::Instant::now() + super::DEADLINE;
+        while self.hits() < n {
+            assert!(
+                std::time::Instant::now() < end,
+                "the app saw {} of {n} requests",
+                self.hits()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
 }
 
 fn spawn_runtime(fut: impl std::future::Future<Output = ()> + Send + 'static) {
