@@ -100,6 +100,7 @@ pub struct LoggingConfig {
     /// `mozlog` (JSON, one object per line) or `text` (for local development).
     pub format: LogFormat,
     /// The mozlog `Logger` field.
+    #[serde(deserialize_with = "types::string_or_scalar")]
     pub logger: String,
     /// Least severe level of the sidecar's own messages: error, warn, info, debug.
     pub level: LogLevel,

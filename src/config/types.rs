@@ -193,3 +193,25 @@ impl From<RequestPath> for String {
         value.0.as_str().to_owned()
     }
 }
+
+/// Deserializes a string that may arrive as a number or a boolean: figment
+/// reads `DOCKERFLOW_LOGGING__LOGGER=123` as an integer, and a name that
+/// happens to look like one must still be accepted.
+pub fn string_or_scalar<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        Text(String),
+        Int(i64),
+        Float(f64),
+        Bool(bool),
+    }
+    Ok(match Scalar::deserialize(deserializer)? {
+        Scalar::Text(s) => s,
+        Scalar::Int(i) => i.to_string(),
+        Scalar::Float(f) => f.to_string(),
+        Scalar::Bool(b) => b.to_string(),
+    })
+}
