@@ -7,11 +7,13 @@ pub mod body;
 pub mod checks;
 pub mod config;
 pub mod dockerflow;
+pub mod events;
 pub mod mozlog;
 pub mod proxy;
 pub mod router;
 pub mod server;
 pub mod shutdown;
+pub mod tls;
 pub mod upstream;
 
 use std::future::Future;
@@ -20,9 +22,10 @@ use std::sync::Arc;
 use http::HeaderName;
 use tokio::net::TcpListener;
 
-use crate::checks::{Registry, UpstreamCheck};
+use crate::checks::Registry;
 use crate::config::Config;
 use crate::dockerflow::Heartbeat;
+use crate::events::Bus;
 use crate::mozlog::Logger;
 use crate::proxy::Proxy;
 use crate::shutdown::Shutdown;
@@ -41,26 +44,31 @@ pub struct App {
     pub heartbeat: Heartbeat,
     /// Drain and stop state.
     pub shutdown: Shutdown,
+    /// Where events are published.
+    pub bus: Bus,
 }
 
 impl App {
-    /// Builds the app state from `config`.
-    pub fn new(config: Config, logger: Arc<Logger>) -> App {
+    /// Builds the app state from `config`; fails when a heartbeat check
+    /// cannot be built (an unreadable CA file, say).
+    pub fn new(config: Config, logger: Arc<Logger>) -> Result<App, String> {
         let shutdown = Shutdown::default();
+        let bus = Bus::default();
         let proxy = Proxy::new(&config, shutdown.tracker().clone());
-        let checks: Vec<Box<dyn checks::Check>> = vec![Box::new(UpstreamCheck::new(&config))];
         let heartbeat = Heartbeat::new(
-            Registry::new(checks, config.heartbeat.timeout),
+            Registry::from_config(&config)?,
             &config.heartbeat,
+            bus.clone(),
         );
-        App {
+        Ok(App {
             rid_header: config.logging.request_id_header.name.clone(),
             config,
             logger,
             proxy,
             heartbeat,
             shutdown,
-        }
+            bus,
+        })
     }
 }
 
@@ -82,7 +90,8 @@ pub async fn run(
         version = env!("CARGO_PKG_VERSION"),
         "listening"
     );
-    let app = Arc::new(App::new(config, logger));
+    let app = App::new(config, logger).map_err(std::io::Error::other)?;
+    let app = Arc::new(app);
     server::serve(app, listener, signal).await;
     Ok(())
 }

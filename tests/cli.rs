@@ -192,14 +192,18 @@ fn serve_refuses_to_start_on_a_bad_config() {
 
     let out = run(
         &["serve"],
-        &[("DOCKERFLOW_HEARTBEAT__UPSTREAM_PATH", "health")],
+        &[(
+            "DOCKERFLOW_HEARTBEAT__CHECKS",
+            r#"[{name="app", kind="upstream", path="health"}]"#,
+        )],
     );
     assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
     assert!(
-        text(&out.stderr).contains("starting with `/`"),
-        "{}",
-        text(&out.stderr)
+        err.contains("heartbeat.checks[0].path") && err.contains("starting with `/`"),
+        "{err}"
     );
+    assert!(err.contains("DOCKERFLOW_HEARTBEAT__CHECKS"), "{err}");
 }
 
 #[test]
@@ -212,5 +216,49 @@ fn listen_failure_is_reported() {
     assert!(
         stdout.contains("cannot listen on") && stdout.contains(&addr),
         "{stdout}"
+    );
+}
+
+#[test]
+fn heartbeat_checks_are_validated_with_the_key_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("[[heartbeat.checks]]\nname = \"db\"\nkind = \"mysql\"\n", "`heartbeat.checks[0].kind`", "upstream, http, tcp, postgres, redis, disk, file"),
+        ("[[heartbeat.checks]]\nname = \"db\"\nkind = \"postgres\"\n", "`heartbeat.checks[0].url` (check `db`", "needs `url`"),
+        (
+            "[[heartbeat.checks]]\nname = \"a\"\nkind = \"tcp\"\nurl = \"tcp://x:1\"\n\n[[heartbeat.checks]]\nname = \"b\"\nkind = \"tcp\"\nurl = \"tcp://x:1\"\ntimeout = \"soon\"\n",
+            "`heartbeat.checks[1].timeout`",
+            "line 10",
+        ),
+        ("[[heartbeat.checks]]\nname = \"c\"\nkind = \"redis\"\nurl = \"http://x\"\n", "`heartbeat.checks[0].url`", "`redis://…`"),
+        ("[[heartbeat.checks]]\nname = \"d\"\nkind = \"disk\"\npath = \"/\"\nmin_free = \"lots\"\n", "`heartbeat.checks[0].min_free`", "10%"),
+        ("[[heartbeat.checks]]\nname = \"e\"\nkind = \"file\"\npath = \"/x\"\nquery = \"SELECT 1\"\n", "`heartbeat.checks[0].query`", "does not apply"),
+    ];
+    for (i, (toml, key, hint)) in cases.iter().enumerate() {
+        let file = dir.path().join(format!("c{i}.toml"));
+        std::fs::write(&file, toml).unwrap();
+        let out = run(&["check-config", "--config", file.to_str().unwrap()], &[]);
+        assert_eq!(out.status.code(), Some(2), "{toml}");
+        let err = text(&out.stderr);
+        assert!(err.contains(key) && err.contains(hint), "{toml}\n→ {err}");
+    }
+}
+
+#[test]
+fn check_config_masks_passwords_in_check_urls() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.toml");
+    std::fs::write(
+        &file,
+        "[[heartbeat.checks]]\nname = \"db\"\nkind = \"postgres\"\nurl = \"postgres://app:hunter2@db:5432/app\"\n",
+    )
+    .unwrap();
+    let out = run(&["check-config", "--config", file.to_str().unwrap()], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let printed = text(&out.stdout);
+    assert!(!printed.contains("hunter2"), "{printed}");
+    assert!(
+        printed.contains("postgres://app:********************@db:5432/app"),
+        "{printed}"
     );
 }

@@ -139,7 +139,7 @@ async fn heartbeat_fails_with_the_configured_status_when_the_app_is_down() {
 async fn heartbeat_fails_when_the_app_answers_an_error_on_the_check_path() {
     let app = Upstream::start();
     let sidecar = SidecarBuilder::new(&app.url())
-        .toml("[heartbeat]\ndetails = \"full\"\nupstream_path = \"/status/503\"")
+        .toml("[heartbeat]\ndetails = \"full\"\n[[heartbeat.checks]]\nname = \"upstream\"\nkind = \"upstream\"\npath = \"/status/503\"")
         .start();
     let reply = get(&sidecar.url("/__heartbeat__"), &[]).await;
     assert_eq!(reply.status, 500);
@@ -155,7 +155,7 @@ async fn heartbeat_check_times_out_within_its_bound() {
     let app = Upstream::start();
     let sidecar = SidecarBuilder::new(&app.url())
         .toml(
-            "[heartbeat]\ndetails = \"full\"\nupstream_path = \"/slow/5000\"\ntimeout = \"200ms\"",
+            "[heartbeat]\ndetails = \"full\"\ntimeout = \"200ms\"\n[[heartbeat.checks]]\nname = \"upstream\"\nkind = \"upstream\"\npath = \"/slow/5000\"",
         )
         .start();
     let started = std::time::Instant::now();

@@ -1,20 +1,29 @@
-//! Heartbeat checks: the `Check` trait, levels and messages in
-//! python-dockerflow's terms, and the concurrent runner.
+//! Heartbeat checks: levels and messages in python-dockerflow's terms, the
+//! `Check` trait, one file per kind, and the concurrent runner.
 //!
 //! Message ids are stable and documented in README.md:
-//! `sidecar.E001` could not connect, `sidecar.E002` unexpected status,
-//! `sidecar.E003` timed out.
+//! `sidecar.E001` could not connect, `sidecar.E002` unexpected answer,
+//! `sidecar.E003` timed out, `sidecar.E004` query or command failed,
+//! `sidecar.E005` not enough free disk space, `sidecar.E006` file missing,
+//! `sidecar.E007` file too old, `sidecar.E008` no Dockerflow heartbeat body
+//! to merge, `sidecar.W001` migrations pending.
 
-mod upstream;
+mod disk;
+mod file;
+mod http;
+mod postgres;
+mod redis;
+mod tcp;
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-pub use upstream::UpstreamCheck;
+use crate::config::{CheckConfig, CheckKind, CheckLevel, Config};
 
 /// A check level (python-dockerflow / Django checks): higher is worse.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Level(pub u8);
 
 impl Level {
@@ -42,6 +51,29 @@ impl Level {
             _ => "critical",
         }
     }
+
+    /// The level a name stands for (`ok`, `warning`, …), as in bodies.
+    pub fn from_name(name: &str) -> Option<Level> {
+        Some(match name {
+            "ok" => Level::OK,
+            "debug" => Level::DEBUG,
+            "info" => Level::INFO,
+            "warning" => Level::WARNING,
+            "error" => Level::ERROR,
+            "critical" => Level::CRITICAL,
+            _ => return None,
+        })
+    }
+}
+
+impl From<CheckLevel> for Level {
+    fn from(level: CheckLevel) -> Level {
+        match level {
+            CheckLevel::Warning => Level::WARNING,
+            CheckLevel::Error => Level::ERROR,
+            CheckLevel::Critical => Level::CRITICAL,
+        }
+    }
 }
 
 /// One finding of a check.
@@ -55,13 +87,16 @@ pub struct Message {
     pub text: String,
 }
 
-/// The outcome of one check.
-#[derive(Debug, Clone)]
+/// The outcome of one check, as shown in the heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckResult {
-    /// The check's name (the key in `checks`).
+    /// The key in `checks`.
     pub name: String,
     /// What it found; empty means ok.
     pub messages: Vec<Message>,
+    /// A level reported without messages (a merged check that only gave
+    /// its status).
+    pub bare_level: Level,
 }
 
 impl CheckResult {
@@ -72,11 +107,35 @@ impl CheckResult {
             .map(|m| m.level)
             .max()
             .unwrap_or(Level::OK)
+            .max(self.bare_level)
+    }
+}
+
+/// What one run of a check found.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// The check's own findings; empty means ok.
+    pub messages: Vec<Message>,
+    /// Checks reported by the target itself (a merged Dockerflow heartbeat).
+    pub merged: Vec<CheckResult>,
+}
+
+impl Outcome {
+    /// A single failure.
+    pub fn fail(id: &str, level: Level, text: String) -> Outcome {
+        Outcome {
+            messages: vec![Message {
+                id: id.into(),
+                level,
+                text,
+            }],
+            merged: Vec::new(),
+        }
     }
 }
 
 /// The outcome of all checks.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Report {
     results: Vec<CheckResult>,
 }
@@ -91,61 +150,140 @@ impl Report {
             .unwrap_or(Level::OK)
     }
 
-    /// Each check's result, in configuration order.
+    /// Each check's result, in configuration order (merged ones after
+    /// the check that brought them).
     pub fn results(&self) -> &[CheckResult] {
         &self.results
     }
 }
 
 /// A boxed future, so checks can be stored as trait objects.
-pub type CheckFuture<'a> = Pin<Box<dyn Future<Output = Vec<Message>> + Send + 'a>>;
+pub type CheckFuture<'a> = Pin<Box<dyn Future<Output = Outcome> + Send + 'a>>;
 
 /// Something the heartbeat verifies.
 pub trait Check: Send + Sync {
-    /// The key in the heartbeat's `checks`.
-    fn name(&self) -> &str;
-    /// The level a failure is reported at.
-    fn level(&self) -> Level;
-    /// Runs once; an empty list means ok.
+    /// Runs once.
     fn run(&self) -> CheckFuture<'_>;
+}
+
+/// One configured check with its name, level and time limit.
+struct Entry {
+    name: String,
+    level: Level,
+    timeout: Duration,
+    check: Box<dyn Check>,
 }
 
 /// All configured checks.
 pub struct Registry {
-    checks: Vec<Box<dyn Check>>,
-    timeout: Duration,
+    entries: Vec<Entry>,
+    silenced: HashSet<String>,
 }
 
 impl Registry {
-    /// A registry running `checks`, each bounded by `timeout`.
-    pub fn new(checks: Vec<Box<dyn Check>>, timeout: Duration) -> Registry {
-        Registry { checks, timeout }
+    /// Builds every check of `config.heartbeat.checks`.
+    pub fn from_config(config: &Config) -> Result<Registry, String> {
+        let mut entries = Vec::new();
+        for check in &config.heartbeat.checks {
+            let level = Level::from(check.level);
+            let built = build(check, level, config)
+                .map_err(|e| format!("heartbeat check `{}`: {e}", check.name))?;
+            entries.push(Entry {
+                name: check.name.clone(),
+                level,
+                timeout: check.timeout.unwrap_or(config.heartbeat.timeout),
+                check: built,
+            });
+        }
+        Ok(Registry {
+            entries,
+            silenced: config.heartbeat.silenced.iter().cloned().collect(),
+        })
     }
 
-    /// Runs every check concurrently; one that outlives the timeout reports
-    /// `sidecar.E003` at its level.
+    /// The longest time limit of any check: the route answers within it.
+    pub fn longest_timeout(&self) -> Duration {
+        self.entries
+            .iter()
+            .map(|e| e.timeout)
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// Runs every check concurrently, each bounded by its time limit; one
+    /// that outlives it reports `sidecar.E003` at its level.
     pub async fn run_all(&self) -> Report {
-        let runs = self.checks.iter().map(|check| async move {
-            let messages = match tokio::time::timeout(self.timeout, check.run()).await {
-                Ok(messages) => messages,
-                Err(_) => vec![Message {
-                    id: "sidecar.E003".into(),
-                    level: check.level(),
-                    text: format!(
+        let runs = self.entries.iter().map(|entry| async move {
+            match tokio::time::timeout(entry.timeout, entry.check.run()).await {
+                Ok(outcome) => (entry, outcome),
+                Err(_) => {
+                    let text = format!(
                         "timed out after {}",
-                        humantime::format_duration(self.timeout)
-                    ),
-                }],
-            };
-            CheckResult {
-                name: check.name().to_owned(),
-                messages,
+                        humantime::format_duration(entry.timeout)
+                    );
+                    (entry, Outcome::fail("sidecar.E003", entry.level, text))
+                }
             }
         });
-        Report {
-            results: futures_util::future::join_all(runs).await,
+        let outcomes = futures_util::future::join_all(runs).await;
+
+        let mut names: HashSet<String> = self.entries.iter().map(|e| e.name.clone()).collect();
+        let mut results = Vec::new();
+        for (entry, outcome) in outcomes {
+            results.push(self.silence(CheckResult {
+                name: entry.name.clone(),
+                messages: outcome.messages,
+                bare_level: Level::OK,
+            }));
+            for mut merged in outcome.merged {
+                // Keep the target's own names unless one is already taken.
+                if !names.insert(merged.name.clone()) {
+                    merged.name = format!("{}.{}", entry.name, merged.name);
+                    names.insert(merged.name.clone());
+                }
+                results.push(self.silence(merged));
+            }
         }
+        Report { results }
     }
+
+    fn silence(&self, mut result: CheckResult) -> CheckResult {
+        result.messages.retain(|m| !self.silenced.contains(&m.id));
+        result
+    }
+}
+
+/// The check for one configuration entry.
+fn build(check: &CheckConfig, level: Level, config: &Config) -> Result<Box<dyn Check>, String> {
+    Ok(match check.kind {
+        CheckKind::Upstream => Box::new(http::HttpCheck::upstream(check, level, config)),
+        CheckKind::Http => Box::new(http::HttpCheck::url(check, level)?),
+        CheckKind::Tcp => Box::new(tcp::TcpCheck::new(check, level)),
+        CheckKind::Postgres => Box::new(postgres::PostgresCheck::new(check, level)?),
+        CheckKind::Redis => Box::new(redis::RedisCheck::new(check, level)?),
+        CheckKind::Disk => Box::new(disk::DiskCheck::new(check, level)),
+        CheckKind::File => Box::new(file::FileCheck::new(check, level)),
+    })
+}
+
+/// The URL of a check, with any password masked, for messages.
+fn shown(url: &str) -> String {
+    crate::config::mask_url_password(url)
+}
+
+/// An error and its causes on one line.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 #[cfg(test)]
@@ -154,20 +292,21 @@ mod tests {
 
     #[test]
     fn level_names_follow_python_dockerflow() {
-        let names: Vec<&str> = [
+        let levels = [
             Level::OK,
             Level::DEBUG,
             Level::INFO,
             Level::WARNING,
             Level::ERROR,
             Level::CRITICAL,
-        ]
-        .iter()
-        .map(|l| l.name())
-        .collect();
+        ];
+        let names: Vec<&str> = levels.iter().map(|l| l.name()).collect();
         assert_eq!(
             names,
             ["ok", "debug", "info", "warning", "error", "critical"]
         );
+        for level in levels {
+            assert_eq!(Level::from_name(level.name()), Some(level));
+        }
     }
 }

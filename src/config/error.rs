@@ -38,6 +38,8 @@ pub enum ConfigError {
 pub struct Problem {
     /// Dotted key, such as `upstream.connect_timeout`.
     pub key: String,
+    /// What the key belongs to, when the key alone does not say (a check's name).
+    pub context: Option<String>,
     /// Where the value came from.
     pub origin: Origin,
     /// What is wrong and what would be valid.
@@ -102,7 +104,7 @@ impl ConfigError {
             .map(|e| {
                 // For an unknown field figment's path already ends with it.
                 let path = e.path.clone();
-                let key = path.join(".");
+                let key = dotted(&path);
                 let origin = match e.metadata.as_ref() {
                     Some(md) => match &md.source {
                         Some(figment::Source::File(p)) => Origin::File {
@@ -117,6 +119,7 @@ impl ConfigError {
                 };
                 Problem {
                     key,
+                    context: None,
                     origin,
                     reason: reason(&e.kind),
                 }
@@ -126,25 +129,107 @@ impl ConfigError {
     }
 }
 
+impl ConfigError {
+    pub(super) fn from_checks(
+        problems: Vec<super::heartbeat::CheckProblem>,
+        checks: &[super::CheckConfig],
+        file: Option<&Path>,
+    ) -> Self {
+        let text = file.and_then(|p| std::fs::read_to_string(p).ok());
+        let doc = text
+            .as_deref()
+            .and_then(|t| t.parse::<toml_edit::ImDocument<String>>().ok());
+        let from_env = std::env::var_os(format!("{ENV_PREFIX}HEARTBEAT__CHECKS")).is_some();
+        let problems = problems
+            .into_iter()
+            .map(|p| {
+                let path: Vec<String> = ["heartbeat", "checks", &p.index.to_string(), p.key]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect();
+                let origin = if from_env {
+                    Origin::Env(format!("{ENV_PREFIX}HEARTBEAT__CHECKS"))
+                } else if let (Some(file), Some(doc)) = (file, doc.as_ref()) {
+                    Origin::File {
+                        path: file.to_owned(),
+                        line: line_of(doc, &path).or_else(|| line_of(doc, &path[..3])),
+                    }
+                } else {
+                    Origin::Default
+                };
+                let name = checks.get(p.index).map(|c| c.name.as_str()).unwrap_or("");
+                Problem {
+                    key: format!("heartbeat.checks[{}].{}", p.index, p.key),
+                    context: Some(format!("check `{name}`")),
+                    origin,
+                    reason: p.reason,
+                }
+            })
+            .collect();
+        ConfigError::Invalid(problems)
+    }
+}
+
+/// `a.b[0].c` for the path `["a", "b", "0", "c"]`.
+fn dotted(path: &[String]) -> String {
+    let mut key = String::new();
+    for segment in path {
+        if segment.parse::<usize>().is_ok() {
+            key.push_str(&format!("[{segment}]"));
+        } else {
+            if !key.is_empty() {
+                key.push('.');
+            }
+            key.push_str(segment);
+        }
+    }
+    key
+}
+
 /// The environment variable that sets `path`.
 fn env_name(path: &[String]) -> String {
     let joined: Vec<String> = path.iter().map(|p| p.to_ascii_uppercase()).collect();
     format!("{ENV_PREFIX}{}", joined.join("__"))
 }
 
-/// 1-based line of the key at `path` in the parsed file.
+/// 1-based line of the key at `path` in the parsed file; numeric segments
+/// index arrays of tables (`[[heartbeat.checks]]`) and inline arrays.
 fn line_of(doc: &toml_edit::ImDocument<String>, path: &[String]) -> Option<usize> {
-    let mut table: &dyn toml_edit::TableLike = doc.as_table();
+    let mut node = Node::Table(doc.as_table());
     let mut span = None;
-    for (i, segment) in path.iter().enumerate() {
-        let (key, item) = table.get_key_value(segment)?;
-        span = key.span().or_else(|| item.span());
-        if i + 1 < path.len() {
-            table = item.as_table_like()?;
-        }
+    for segment in path {
+        let (next, found) = step(node, segment)?;
+        span = found.or(span);
+        node = next;
     }
     let start = span?.start;
     Some(doc.raw()[..start].matches('\n').count() + 1)
+}
+
+/// A place in a parsed TOML document.
+enum Node<'a> {
+    Table(&'a dyn toml_edit::TableLike),
+    Item(&'a toml_edit::Item),
+}
+
+/// One step down `segment`, with the span of what was found.
+fn step<'a>(node: Node<'a>, segment: &str) -> Option<(Node<'a>, Option<std::ops::Range<usize>>)> {
+    let item = match node {
+        Node::Table(table) => {
+            let (key, item) = table.get_key_value(segment)?;
+            return Some((Node::Item(item), key.span().or_else(|| item.span())));
+        }
+        Node::Item(item) => item,
+    };
+    if let Ok(index) = segment.parse::<usize>() {
+        if let Some(tables) = item.as_array_of_tables() {
+            let table = tables.get(index)?;
+            return Some((Node::Table(table), table.span()));
+        }
+        let value = item.as_array()?.get(index)?;
+        return Some((Node::Table(value.as_inline_table()?), value.span()));
+    }
+    step(Node::Table(item.as_table_like()?), segment)
 }
 
 /// A sentence for what is wrong with a value.
@@ -217,9 +302,14 @@ impl fmt::Display for ConfigError {
                     if i > 0 {
                         writeln!(f)?;
                     }
+                    let context = p
+                        .context
+                        .as_deref()
+                        .map(|c| format!("{c}, "))
+                        .unwrap_or_default();
                     write!(
                         f,
-                        "invalid configuration key `{}` (from {}): {}",
+                        "invalid configuration key `{}` ({context}from {}): {}",
                         p.key, p.origin, p.reason
                     )?;
                 }

@@ -50,7 +50,7 @@ fn mask_value(key: Option<&str>, value: &mut toml::Value) {
 }
 
 /// `scheme://user:secret@host/…` → `scheme://user:********************@host/…`.
-fn mask_url_password(s: &str) -> String {
+pub fn mask_url_password(s: &str) -> String {
     let Some(scheme_end) = s.find("://") else {
         return s.to_owned();
     };

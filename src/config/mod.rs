@@ -9,6 +9,7 @@
 //! carries the key and the provider that set it (see [`error`]).
 
 mod error;
+mod heartbeat;
 mod mask;
 mod types;
 
@@ -21,7 +22,10 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 pub use error::ConfigError;
-pub use mask::masked_toml;
+pub use heartbeat::{
+    CheckConfig, CheckKind, CheckLevel, HeartbeatConfig, HeartbeatDetails, StatusSpec, Threshold,
+};
+pub use mask::{mask_url_password, masked_toml};
 pub use types::{FailedStatus, HeaderNameValue, RequestPath, UpstreamUrl};
 
 /// The prefix of every environment variable that sets a key.
@@ -134,32 +138,6 @@ pub enum LogLevel {
     Debug,
 }
 
-/// `/__heartbeat__`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct HeartbeatConfig {
-    /// Status sent when the worst check level is error (40) or above.
-    pub failed_status: FailedStatus,
-    /// `status` (only `{"status": …}`, Django's production behaviour) or
-    /// `full` (`status`, `checks` and `details`).
-    pub details: HeartbeatDetails,
-    /// Path the `upstream` check requests from the app.
-    pub upstream_path: RequestPath,
-    /// Longest a check may take before it counts as failed.
-    #[serde(with = "humantime_serde")]
-    pub timeout: Duration,
-}
-
-/// How much of the heartbeat result is shown to callers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum HeartbeatDetails {
-    /// Only the overall status.
-    Status,
-    /// Status, checks and details.
-    Full,
-}
-
 /// SIGTERM / SIGINT handling.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -232,17 +210,6 @@ impl Default for LoggingConfig {
     }
 }
 
-impl Default for HeartbeatConfig {
-    fn default() -> Self {
-        HeartbeatConfig {
-            failed_status: FailedStatus::default(),
-            details: HeartbeatDetails::Status,
-            upstream_path: RequestPath(http::uri::PathAndQuery::from_static("/")),
-            timeout: Duration::from_secs(3),
-        }
-    }
-}
-
 impl Default for ShutdownConfig {
     fn default() -> Self {
         ShutdownConfig {
@@ -286,6 +253,15 @@ impl Config {
         let mut config: Config = figment
             .extract()
             .map_err(|e| ConfigError::from_figment(e, file.as_deref()))?;
+
+        let problems = config.heartbeat.validate();
+        if !problems.is_empty() {
+            return Err(ConfigError::from_checks(
+                problems,
+                &config.heartbeat.checks,
+                file.as_deref(),
+            ));
+        }
 
         if let Ok(port) = std::env::var("PORT") {
             let parsed = port

@@ -14,9 +14,10 @@ use tracing_subscriber::Layer;
 use super::{Logger, Severity};
 use crate::config::LogLevel;
 
-/// Our crate's target prefix; other crates (hyper, h2) only log warnings and
-/// errors unless the level is debug.
-const OWN_TARGET: &str = "dockerflow_sidecar";
+/// Our targets: the crate's modules, and the named line types it writes
+/// (`heartbeat`). Other crates (hyper, h2) only log warnings and errors
+/// unless the level is debug.
+const OWN_TARGETS: [&str; 2] = ["dockerflow_sidecar", "heartbeat"];
 
 /// The layer; install it on a `tracing_subscriber::registry()`.
 pub struct MozlogLayer {
@@ -39,7 +40,7 @@ impl MozlogLayer {
     fn wants(&self, metadata: &Metadata<'_>) -> bool {
         let level = *metadata.level();
         level <= self.max
-            && (metadata.target().starts_with(OWN_TARGET)
+            && (OWN_TARGETS.iter().any(|t| metadata.target().starts_with(t))
                 || level <= Level::WARN
                 || self.max == Level::DEBUG)
     }

@@ -1,6 +1,8 @@
 //! A real hyper app for the sidecar to forward to. It answers by path:
 //! - `/slow/<ms>`: waits, then 200;
 //! - `/status/<code>`: that status;
+//! - `/health`: the status in `Upstream::health`;
+//! - `/dockerflow-heartbeat`: a failing python-dockerflow heartbeat body;
 //! - `/trailers`: a chunked body with an `x-checksum` trailer;
 //! - `/hop`: response headers a proxy must strip;
 //! - `/upgrade`: 101 to protocol `echo`, then echoes bytes back;
@@ -12,7 +14,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,6 +37,8 @@ pub struct Upstream {
     pub addr: Option<SocketAddr>,
     /// Requests it has received.
     pub hits: Arc<AtomicUsize>,
+    /// The status `/health` answers (200 at first).
+    pub health: Arc<AtomicU16>,
 }
 
 impl Upstream {
@@ -44,19 +48,21 @@ impl Upstream {
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
-        let counter = hits.clone();
+        let health = Arc::new(AtomicU16::new(200));
+        let (counter, status) = (hits.clone(), health.clone());
         spawn_runtime(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                serve(TokioIo::new(stream), counter.clone());
+                serve(TokioIo::new(stream), counter.clone(), status.clone());
             }
         });
         Upstream {
             addr: Some(addr),
             hits,
+            health,
         }
     }
 
@@ -65,17 +71,22 @@ impl Upstream {
         let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
         listener.set_nonblocking(true).unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
-        let counter = hits.clone();
+        let health = Arc::new(AtomicU16::new(200));
+        let (counter, status) = (hits.clone(), health.clone());
         spawn_runtime(async move {
             let listener = tokio::net::UnixListener::from_std(listener).unwrap();
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                serve(TokioIo::new(stream), counter.clone());
+                serve(TokioIo::new(stream), counter.clone(), status.clone());
             }
         });
-        Upstream { addr: None, hits }
+        Upstream {
+            addr: None,
+            hits,
+            health,
+        }
     }
 
     /// `http://addr`.
@@ -86,6 +97,11 @@ impl Upstream {
     /// Requests received so far.
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
+    }
+
+    /// Sets the status `/health` answers.
+    pub fn set_health(&self, status: u16) {
+        self.health.store(status, Ordering::SeqCst);
     }
 
     /// Waits (with the harness deadline) until `n` requests have arrived.
@@ -113,14 +129,14 @@ fn spawn_runtime(fut: impl std::future::Future<Output = ()> + Send + 'static) {
     });
 }
 
-fn serve<I>(io: TokioIo<I>, hits: Arc<AtomicUsize>)
+fn serve<I>(io: TokioIo<I>, hits: Arc<AtomicUsize>, health: Arc<AtomicU16>)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     tokio::spawn(async move {
         let service = service_fn(move |req| {
             hits.fetch_add(1, Ordering::SeqCst);
-            handle(req)
+            handle(req, health.load(Ordering::SeqCst))
         });
         let _ = auto::Builder::new(TokioExecutor::new())
             .serve_connection_with_upgrades(io, service)
@@ -146,13 +162,29 @@ fn pairs(headers: &HeaderMap) -> Vec<(String, String)> {
         .collect()
 }
 
-async fn handle(mut req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn handle(mut req: Request<Incoming>, health: u16) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.split('/').collect();
     let resp = match segments.as_slice() {
         ["", "slow", ms] => {
             tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
             full(StatusCode::OK, "slow done")
+        }
+        ["", "health"] => full(StatusCode::from_u16(health).unwrap(), "health"),
+        ["", "dockerflow-heartbeat"] => {
+            // What a python-dockerflow app answers with a failing database
+            // and pending migrations.
+            let body = json!({
+                "status": "error",
+                "checks": {"database": "error", "migrations": "warning", "redis": "ok"},
+                "details": {
+                    "database": {"status": "error", "level": 40,
+                                 "messages": {"dockerflow.health.E001": "Could not connect to database"}},
+                    "migrations": {"status": "warning", "level": 30,
+                                   "messages": {"dockerflow.health.W001": "Unapplied migrations found"}}
+                }
+            });
+            full(StatusCode::INTERNAL_SERVER_ERROR, body.to_string())
         }
         ["", "status", code] => {
             let code = StatusCode::from_u16(code.parse().unwrap_or(500)).unwrap();
