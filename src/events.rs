@@ -38,6 +38,8 @@ pub enum EventData {
         /// The checks above ok, as in the heartbeat's `details`.
         checks: BTreeMap<String, CheckState>,
     },
+    /// `report.received`: a browser security report was accepted.
+    ReportReceived(Box<crate::reports::ReportFields>),
     /// `heartbeat.passed`: the heartbeat passes again.
     HeartbeatPassed {
         /// The overall status text (`ok`, `warning`, …).

@@ -10,9 +10,11 @@ pub mod dockerflow;
 pub mod events;
 pub mod mozlog;
 pub mod proxy;
+pub mod reports;
 pub mod router;
 pub mod server;
 pub mod shutdown;
+pub mod store;
 pub mod tls;
 pub mod upstream;
 
@@ -46,11 +48,14 @@ pub struct App {
     pub shutdown: Shutdown,
     /// Where events are published.
     pub bus: Bus,
+    /// Browser security report intake.
+    pub reports: reports::Intake,
 }
 
 impl App {
     /// Builds the app state from `config`; fails when a heartbeat check
-    /// cannot be built (an unreadable CA file, say).
+    /// cannot be built (an unreadable CA file, say) or the state file cannot
+    /// be opened.
     pub fn new(config: Config, logger: Arc<Logger>) -> Result<App, String> {
         let shutdown = Shutdown::default();
         let bus = Bus::default();
@@ -60,7 +65,9 @@ impl App {
             &config.heartbeat,
             bus.clone(),
         );
+        let reports = reports::Intake::new(&config, bus.clone(), logger.clone())?;
         Ok(App {
+            reports,
             rid_header: config.logging.request_id_header.name.clone(),
             config,
             logger,
@@ -92,6 +99,12 @@ pub async fn run(
     );
     let app = App::new(config, logger).map_err(std::io::Error::other)?;
     let app = Arc::new(app);
-    server::serve(app, listener, signal).await;
+    server::serve(app.clone(), listener, signal).await;
+    // Every accepted report is stored before the process exits.
+    let flushing = app.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        flushing.reports.flush(std::time::Duration::from_secs(5))
+    })
+    .await;
     Ok(())
 }

@@ -33,6 +33,38 @@ enum Command {
     /// Print the effective configuration (secrets masked) and exit 0, or
     /// explain what is wrong and exit 2.
     CheckConfig,
+    /// Read and prune the stored browser security reports.
+    Reports {
+        #[command(subcommand)]
+        command: ReportsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReportsCommand {
+    /// List reports, newest first.
+    List {
+        /// Only reports seen within this long (e.g. 1h, 7d).
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        since: Duration,
+        /// Only reports of this type (csp-violation, network-error, …).
+        #[arg(long = "type", value_name = "TYPE")]
+        kind: Option<String>,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one report in full.
+    Show {
+        /// The report's id.
+        id: String,
+    },
+    /// Delete reports first received longer ago than this.
+    Prune {
+        /// e.g. 30d.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: Duration,
+    },
 }
 
 /// Exit status for a configuration error.
@@ -57,7 +89,92 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Serve => serve(config),
+        Command::Reports { command } => reports(&config, command),
     }
+}
+
+/// `reports list|show|prune`, straight on the state file.
+fn reports(config: &Config, command: ReportsCommand) -> ExitCode {
+    use dockerflow_sidecar::reports::store;
+    let conn = match dockerflow_sidecar::store::open_existing(&config.state.path) {
+        Ok(conn) => conn,
+        Err(e) => {
+            eprintln!("dockerflow-sidecar: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let now = store::unix_ms(std::time::SystemTime::now());
+    let ago = |d: Duration| now - d.as_millis() as i64;
+    let result = match command {
+        ReportsCommand::List { since, kind, json } => {
+            store::list(&conn, ago(since), kind.as_deref()).map(|rows| {
+                if json {
+                    for row in &rows {
+                        println!("{}", report_json(row));
+                    }
+                } else {
+                    println!(
+                        "{:<24}  {:>5}  {:<20}  {:<16}  {:<36}  {:<30}  BLOCKED",
+                        "LAST SEEN", "COUNT", "TYPE", "DIRECTIVE", "ID", "URL"
+                    );
+                    for row in &rows {
+                        println!(
+                            "{:<24}  {:>5}  {:<20}  {:<16}  {:<36}  {:<30}  {}",
+                            when(row.last_seen),
+                            row.count,
+                            row.kind,
+                            row.directive.as_deref().unwrap_or("-"),
+                            row.id,
+                            row.url.as_deref().unwrap_or("-"),
+                            row.blocked_url.as_deref().unwrap_or("-")
+                        );
+                    }
+                }
+            })
+        }
+        ReportsCommand::Show { id } => store::show(&conn, &id).map(|row| match row {
+            Some(row) => println!(
+                "{}",
+                serde_json::to_string_pretty(&report_json(&row)).unwrap_or_default()
+            ),
+            None => {
+                eprintln!("dockerflow-sidecar: no report with id {id}");
+                std::process::exit(1);
+            }
+        }),
+        ReportsCommand::Prune { older_than } => {
+            store::prune(&conn, ago(older_than)).map(|n| println!("deleted {n} reports"))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dockerflow-sidecar: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A stored report as JSON, its body parsed and its times readable.
+fn report_json(row: &dockerflow_sidecar::reports::store::StoredReport) -> serde_json::Value {
+    let mut value = serde_json::to_value(row).unwrap_or_default();
+    if let Some(object) = value.as_object_mut() {
+        let body =
+            serde_json::from_str(&row.body).unwrap_or(serde_json::Value::String(row.body.clone()));
+        object.insert("body".into(), body);
+        for key in ["created", "incident", "last_seen"] {
+            if let Some(ms) = object.get(key).and_then(|v| v.as_i64()) {
+                object.insert(key.into(), when(ms).into());
+            }
+        }
+    }
+    value
+}
+
+/// Unix ms as RFC 3339.
+fn when(ms: i64) -> String {
+    let time = std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(time).to_string()
 }
 
 fn serve(config: Config) -> ExitCode {

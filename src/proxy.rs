@@ -19,6 +19,8 @@ use crate::upstream::{self, UpstreamClient};
 /// Forwards requests to the one configured upstream.
 pub struct Proxy {
     client: UpstreamClient<RequestBody>,
+    /// For bodies the sidecar has already read (reports passed on).
+    copies: UpstreamClient<http_body_util::Full<bytes::Bytes>>,
     /// The authority every forwarded URI carries (the pool key).
     authority: Authority,
     /// Header carrying the request id.
@@ -45,6 +47,7 @@ impl Proxy {
     pub fn new(config: &Config, tunnels: TaskTracker) -> Proxy {
         Proxy {
             client: upstream::client(&config.upstream),
+            copies: upstream::client(&config.upstream),
             authority: upstream::authority(&config.upstream.url),
             rid_header: config.logging.request_id_header.name.clone(),
             response_header_timeout: config.upstream.response_header_timeout,
@@ -137,6 +140,48 @@ impl Proxy {
             }
             _ => resp.map(|body| ResponseBody::upstream(body).with_summary(summary)),
         }
+    }
+
+    /// Passes a copy of a request the sidecar answered itself (an accepted
+    /// report, with `reports.forward`) on to the app, in the background; the
+    /// app's answer is only logged when it is an error.
+    pub fn send_copy(
+        &self,
+        method: http::Method,
+        uri: &Uri,
+        mut headers: HeaderMap,
+        body: bytes::Bytes,
+        peer: SocketAddr,
+        rid: HeaderValue,
+    ) {
+        let target = uri.authority().cloned();
+        strip_hop_by_hop(&mut headers);
+        set_host(&mut headers, target.as_ref(), &self.authority);
+        append_forwarded_for(&mut headers, peer);
+        headers
+            .entry(HeaderName::from_static("x-forwarded-proto"))
+            .or_insert(HeaderValue::from_static("http"));
+        headers.insert(self.rid_header.clone(), rid);
+        headers.remove(header::CONTENT_LENGTH);
+        let mut req = Request::new(http_body_util::Full::new(body));
+        *req.method_mut() = method;
+        *req.uri_mut() = self.upstream_uri(uri);
+        *req.headers_mut() = headers;
+        let client = self.copies.clone();
+        let limit = self.response_header_timeout;
+        tokio::spawn(async move {
+            match tokio::time::timeout(limit, client.request(req)).await {
+                Ok(Ok(resp)) if resp.status().is_success() => {}
+                Ok(Ok(resp)) => tracing::warn!(
+                    status = resp.status().as_u16(),
+                    "the app refused a forwarded report"
+                ),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %error_chain(&e), "could not forward a report to the app")
+                }
+                Err(_) => tracing::warn!("forwarding a report to the app timed out"),
+            }
+        });
     }
 
     /// Sends the request; `None` when no response head arrived within the

@@ -24,6 +24,8 @@ pub enum Route {
     Heartbeat,
     /// `/__lbheartbeat__`.
     LbHeartbeat,
+    /// A configured report path.
+    Report,
     /// Everything else goes to the app.
     Proxy,
 }
@@ -75,7 +77,10 @@ pub async fn handle(
         app.config.logging.querystring,
     );
 
-    let route = classify(req.uri().path());
+    let route = match classify(req.uri().path()) {
+        Route::Proxy if app.reports.matches(req.uri().path()) => Route::Report,
+        route => route,
+    };
     if req.method() == Method::CONNECT {
         // The destination is only ever the configured upstream.
         let resp = dockerflow::text(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported");
@@ -83,6 +88,22 @@ pub async fn handle(
     }
     if route == Route::Proxy {
         return Ok(app.proxy.forward(req, peer, rid, summary).await);
+    }
+    if route == Route::Report {
+        // The request head, kept only when accepted reports are passed on.
+        let head = app.config.reports.forward.then(|| {
+            (
+                req.method().clone(),
+                req.uri().clone(),
+                req.headers().clone(),
+            )
+        });
+        let outcome = app.reports.handle(req, peer).await;
+        if let (Some((method, uri, headers)), Some(body)) = (head, outcome.forward) {
+            app.proxy
+                .send_copy(method, &uri, headers, body, peer, rid.clone());
+        }
+        return Ok(finish(&app, outcome.response, rid, summary));
     }
 
     let resp = if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -96,7 +117,7 @@ pub async fn handle(
             Route::LbHeartbeat => dockerflow::lbheartbeat(draining),
             Route::Version => dockerflow::version(&app.config.version.files).await,
             Route::Heartbeat => app.heartbeat.respond(draining).await,
-            Route::Proxy => unreachable!("handled above"),
+            Route::Proxy | Route::Report => unreachable!("handled above"),
         }
     };
     Ok(finish(&app, resp, rid, summary))

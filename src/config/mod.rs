@@ -11,6 +11,7 @@
 mod error;
 mod heartbeat;
 mod mask;
+mod reports;
 mod types;
 
 use std::net::SocketAddr;
@@ -26,7 +27,8 @@ pub use heartbeat::{
     CheckConfig, CheckKind, CheckLevel, HeartbeatConfig, HeartbeatDetails, StatusSpec, Threshold,
 };
 pub use mask::{mask_url_password, masked_toml};
-pub use types::{FailedStatus, HeaderNameValue, RequestPath, UpstreamUrl};
+pub use reports::{ReportsConfig, StateConfig};
+pub use types::{ByteSize, FailedStatus, HeaderNameValue, RequestPath, UpstreamUrl};
 
 /// The prefix of every environment variable that sets a key.
 pub const ENV_PREFIX: &str = "DOCKERFLOW_";
@@ -53,6 +55,10 @@ pub struct Config {
     pub heartbeat: HeartbeatConfig,
     /// SIGTERM handling.
     pub shutdown: ShutdownConfig,
+    /// Browser security report intake.
+    pub reports: ReportsConfig,
+    /// The local state file.
+    pub state: StateConfig,
 }
 
 /// Where and how requests are forwarded.
@@ -162,6 +168,8 @@ impl Default for Config {
             logging: LoggingConfig::default(),
             heartbeat: HeartbeatConfig::default(),
             shutdown: ShutdownConfig::default(),
+            reports: ReportsConfig::default(),
+            state: StateConfig::default(),
         }
     }
 }

@@ -215,3 +215,40 @@ pub fn string_or_scalar<'de, D: serde::Deserializer<'de>>(
         Scalar::Bool(b) => b.to_string(),
     })
 }
+
+/// A size in bytes, written "64 KiB", "1 MiB" or a plain number of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "SizeRepr", into = "String")]
+pub struct ByteSize(pub u64);
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SizeRepr {
+    Bytes(u64),
+    Text(String),
+}
+
+impl TryFrom<SizeRepr> for ByteSize {
+    type Error = String;
+
+    fn try_from(value: SizeRepr) -> Result<Self, Self::Error> {
+        match value {
+            SizeRepr::Bytes(bytes) => Ok(ByteSize(bytes)),
+            SizeRepr::Text(text) => text
+                .trim()
+                .parse::<bytesize::ByteSize>()
+                .map(|size| ByteSize(size.as_u64()))
+                .map_err(|_| {
+                    format!(
+                        "`{text}` is not valid: expected a size such as \"64 KiB\" or \"1 MiB\""
+                    )
+                }),
+        }
+    }
+}
+
+impl From<ByteSize> for String {
+    fn from(value: ByteSize) -> Self {
+        bytesize::ByteSize(value.0).display().iec().to_string()
+    }
+}

@@ -101,7 +101,8 @@ pub struct Sidecar {
     pub stdout: Arc<Lines>,
     /// Its stderr, line by line.
     pub stderr: Arc<Lines>,
-    _dir: tempfile::TempDir,
+    /// Its working directory (config file `sidecar.toml`, state file).
+    pub dir: tempfile::TempDir,
 }
 
 /// How to start a sidecar.
@@ -213,7 +214,7 @@ impl SidecarBuilder {
             addr,
             stdout,
             stderr,
-            _dir: dir,
+            dir,
         }
     }
 }
@@ -279,6 +280,20 @@ impl Sidecar {
             l.contains("\"Type\":\"request.summary\"") && l.contains(&needle)
         });
         serde_json::from_str(&line).unwrap()
+    }
+
+    /// Runs `dockerflow-sidecar ARGS` with this sidecar's configuration and
+    /// working directory (for the `reports` commands).
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(binary())
+            .args(args)
+            .arg("--config")
+            .arg(self.dir.path().join("sidecar.toml"))
+            .current_dir(self.dir.path())
+            .env_remove("PORT")
+            .env_remove("DOCKERFLOW_CONFIG")
+            .output()
+            .unwrap()
     }
 
     /// Resident memory in KiB, from /proc.

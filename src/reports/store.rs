@@ -1,0 +1,267 @@
+//! Where reports go after intake: a bounded queue to one writer thread that
+//! stores them in batches, folding identical reports within the dedup window
+//! into one row's count, and deletes what is past retention.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+
+/// Most reports written in one transaction.
+const BATCH: usize = 1024;
+/// How often the writer deletes rows past retention.
+const PRUNE_EVERY: Duration = Duration::from_secs(600);
+
+/// A report as stored.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StoredReport {
+    /// uuid4.
+    pub id: String,
+    /// Report type.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Document URL.
+    pub url: Option<String>,
+    /// The normalised report, JSON.
+    pub body: String,
+    /// Unix ms when first received.
+    pub created: i64,
+    /// Unix ms of the incident.
+    pub incident: i64,
+    /// Unix ms when last received.
+    pub last_seen: i64,
+    /// How many identical reports this row stands for.
+    pub count: i64,
+    /// Effective directive, feature or error type.
+    pub directive: Option<String>,
+    /// What was blocked.
+    pub blocked_url: Option<String>,
+    /// enforce / report.
+    pub disposition: Option<String>,
+    /// Where.
+    pub source_file: Option<String>,
+    /// Line.
+    pub line: Option<i64>,
+    /// Column.
+    pub column: Option<i64>,
+    /// Document status.
+    pub status_code: Option<i64>,
+    /// Browser.
+    pub user_agent: Option<String>,
+    /// Hash of what makes two reports identical.
+    #[serde(skip)]
+    pub dedup_key: i64,
+}
+
+enum Msg {
+    Report(Box<StoredReport>),
+    Flush(SyncSender<()>),
+}
+
+/// The intake's handle on the writer.
+pub struct ReportStore {
+    tx: SyncSender<Msg>,
+    dropped: AtomicU64,
+}
+
+/// Unix milliseconds.
+pub fn unix_ms(time: SystemTime) -> i64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl ReportStore {
+    /// Opens the state file (errors are reported now, not later) and starts
+    /// the writer thread.
+    pub fn start(
+        path: &Path,
+        dedup_window: Duration,
+        retention: Duration,
+        queue: usize,
+    ) -> Result<ReportStore, String> {
+        let conn = crate::store::open(path)?;
+        let (tx, rx) = mpsc::sync_channel(queue.max(1));
+        let window = dedup_window.as_millis() as i64;
+        let retention = retention.as_millis() as i64;
+        std::thread::Builder::new()
+            .name("report-writer".into())
+            .spawn(move || write_loop(conn, rx, window, retention))
+            .map_err(|e| format!("cannot start the report writer: {e}"))?;
+        Ok(ReportStore {
+            tx,
+            dropped: AtomicU64::new(0),
+        })
+    }
+
+    /// Queues a report; false (and counted) when the queue is full.
+    pub fn submit(&self, report: StoredReport) -> bool {
+        match self.tx.try_send(Msg::Report(Box::new(report))) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    /// Reports dropped because the queue was full, since start.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Waits (up to `timeout`) until every report queued before this call is
+    /// committed.
+    pub fn flush(&self, timeout: Duration) {
+        let (ack_tx, ack_rx) = mpsc::sync_channel(1);
+        let deadline = Instant::now() + timeout;
+        let mut msg = Msg::Flush(ack_tx);
+        // The queue may be full: retry until the deadline rather than block.
+        loop {
+            match self.tx.try_send(msg) {
+                Ok(()) => break,
+                Err(TrySendError::Full(back)) if Instant::now() < deadline => {
+                    msg = back;
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(_) => return,
+            }
+        }
+        let _ = ack_rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+    }
+}
+
+fn write_loop(mut conn: Connection, rx: Receiver<Msg>, window: i64, retention: i64) {
+    let mut last_prune = Instant::now();
+    prune_older(&conn, unix_ms(SystemTime::now()) - retention);
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(msg) => batch.push(msg),
+                Err(_) => break,
+            }
+        }
+        let mut acks = Vec::new();
+        let result = (|| -> rusqlite::Result<()> {
+            let tx = conn.transaction()?;
+            for msg in batch {
+                match msg {
+                    Msg::Report(report) => store_one(&tx, &report, window)?,
+                    Msg::Flush(ack) => acks.push(ack),
+                }
+            }
+            tx.commit()
+        })();
+        if let Err(e) = result {
+            tracing::error!(error = %e, "cannot store reports");
+        }
+        for ack in acks {
+            let _ = ack.send(());
+        }
+        if last_prune.elapsed() >= PRUNE_EVERY {
+            prune_older(&conn, unix_ms(SystemTime::now()) - retention);
+            last_prune = Instant::now();
+        }
+    }
+}
+
+/// Adds to the count of an identical report within the window, or inserts.
+fn store_one(
+    tx: &rusqlite::Transaction<'_>,
+    r: &StoredReport,
+    window: i64,
+) -> rusqlite::Result<()> {
+    let updated = tx.prepare_cached(
+        "UPDATE reports SET count = count + 1, last_seen = ?1
+         WHERE rowid = (SELECT rowid FROM reports WHERE dedup_key = ?2 AND created >= ?3 ORDER BY created DESC LIMIT 1)",
+    )?
+    .execute(params![r.created, r.dedup_key, r.created - window])?;
+    if updated == 0 {
+        tx.prepare_cached(
+            "INSERT INTO reports (id, type, url, body, created, incident, last_seen, count, directive, blocked_url,
+                                  disposition, source_file, line, col, status_code, user_agent, dedup_key)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 1, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+        )?
+        .execute(params![
+            r.id,
+            r.kind,
+            r.url,
+            r.body,
+            r.created,
+            r.incident,
+            r.created,
+            r.directive,
+            r.blocked_url,
+            r.disposition,
+            r.source_file,
+            r.line,
+            r.column,
+            r.status_code,
+            r.user_agent,
+            r.dedup_key
+        ])?;
+    }
+    Ok(())
+}
+
+fn prune_older(conn: &Connection, before: i64) {
+    match prune(conn, before) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(deleted = n as u64, "old reports deleted"),
+        Err(e) => tracing::error!(error = %e, "cannot delete old reports"),
+    }
+}
+
+/// Deletes reports first received before `before` (unix ms); returns how many.
+pub fn prune(conn: &Connection, before: i64) -> rusqlite::Result<usize> {
+    conn.execute("DELETE FROM reports WHERE created < ?1", params![before])
+}
+
+const COLUMNS: &str =
+    "id, type, url, body, created, incident, last_seen, count, directive, blocked_url,
+                       disposition, source_file, line, col, status_code, user_agent, dedup_key";
+
+fn row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredReport> {
+    Ok(StoredReport {
+        id: row.get(0)?,
+        kind: row.get(1)?,
+        url: row.get(2)?,
+        body: row.get(3)?,
+        created: row.get(4)?,
+        incident: row.get(5)?,
+        last_seen: row.get(6)?,
+        count: row.get(7)?,
+        directive: row.get(8)?,
+        blocked_url: row.get(9)?,
+        disposition: row.get(10)?,
+        source_file: row.get(11)?,
+        line: row.get(12)?,
+        column: row.get(13)?,
+        status_code: row.get(14)?,
+        user_agent: row.get(15)?,
+        dedup_key: row.get(16)?,
+    })
+}
+
+/// Reports last seen at or after `since` (unix ms), of `kind` if given, newest first.
+pub fn list(
+    conn: &Connection,
+    since: i64,
+    kind: Option<&str>,
+) -> rusqlite::Result<Vec<StoredReport>> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM reports WHERE last_seen >= ?1 AND (?2 IS NULL OR type = ?2) ORDER BY last_seen DESC"
+    );
+    let mut stmt = conn.prepare(&sql)?;
+    let rows = stmt.query_map(params![since, kind], row)?;
+    rows.collect()
+}
+
+/// One report by id.
+pub fn show(conn: &Connection, id: &str) -> rusqlite::Result<Option<StoredReport>> {
+    let sql = format!("SELECT {COLUMNS} FROM reports WHERE id = ?1");
+    conn.query_row(&sql, params![id], row).optional()
+}

@@ -1,0 +1,71 @@
+//! The local SQLite state file: opening it (WAL, a busy timeout) and its
+//! schema, migrated forward by `user_version`. Shared by the report store
+//! now and the hook outbox later; only writer threads write, never the
+//! request path.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::Connection;
+
+/// Schema steps, applied in order; `user_version` counts those applied.
+const MIGRATIONS: &[&str] = &["
+    CREATE TABLE reports (
+        id           TEXT PRIMARY KEY,
+        type         TEXT NOT NULL,
+        url          TEXT,
+        body         TEXT NOT NULL,
+        created      INTEGER NOT NULL,  -- unix ms, when first received
+        incident     INTEGER NOT NULL,  -- unix ms, received minus the report's age
+        last_seen    INTEGER NOT NULL,  -- unix ms, when last received
+        count        INTEGER NOT NULL DEFAULT 1,
+        directive    TEXT,
+        blocked_url  TEXT,
+        disposition  TEXT,
+        source_file  TEXT,
+        line         INTEGER,
+        col          INTEGER,
+        status_code  INTEGER,
+        user_agent   TEXT,
+        dedup_key    INTEGER NOT NULL
+    );
+    CREATE INDEX reports_dedup ON reports (dedup_key, created);
+    CREATE INDEX reports_created ON reports (created);
+"];
+
+/// Opens (creating if needed) the state file and brings its schema up to date.
+pub fn open(path: &Path) -> Result<Connection, String> {
+    let fail =
+        |what: &str, e: rusqlite::Error| format!("state file {}: {what}: {e}", path.display());
+    let mut conn = Connection::open(path).map_err(|e| fail("cannot open", e))?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(|e| fail("busy timeout", e))?;
+    conn.pragma_update(None, "journal_mode", "WAL")
+        .map_err(|e| fail("cannot switch to WAL", e))?;
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(|e| fail("synchronous", e))?;
+    migrate(&mut conn).map_err(|e| fail("cannot migrate the schema", e))?;
+    Ok(conn)
+}
+
+/// Opens the state file for reading (CLI commands), without creating it.
+pub fn open_existing(path: &Path) -> Result<Connection, String> {
+    if !path.exists() {
+        return Err(format!(
+            "state file {} does not exist (set state.path, or run from the sidecar's working directory)",
+            path.display()
+        ));
+    }
+    open(path)
+}
+
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let applied: usize = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(applied) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(step)?;
+        tx.pragma_update(None, "user_version", i + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
