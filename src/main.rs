@@ -85,6 +85,12 @@ fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Serve) {
         Command::CheckConfig => {
+            // Build the checks too: a CA file that is not PEM, a URL the
+            // driver refuses, are configuration errors like any other.
+            if let Err(e) = dockerflow_sidecar::checks::Registry::from_config(&config) {
+                eprintln!("dockerflow-sidecar: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
             print!("{}", masked_toml(&config));
             ExitCode::SUCCESS
         }

@@ -250,13 +250,17 @@ fn check_config_masks_passwords_in_check_urls() {
     let file = dir.path().join("c.toml");
     std::fs::write(
         &file,
-        "[[heartbeat.checks]]\nname = \"db\"\nkind = \"postgres\"\nurl = \"postgres://app:hunter2@db:5432/app\"\n",
+        "[[heartbeat.checks]]\nname = \"db\"\nkind = \"postgres\"\nurl = \"postgres://app:hunter2@db:5432/app\"\n\n\
+         [[heartbeat.checks]]\nname = \"db2\"\nkind = \"postgres\"\nurl = \"postgres://app@db:5432/app?password=swordfish\"\n",
     )
     .unwrap();
     let out = run(&["check-config", "--config", file.to_str().unwrap()], &[]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let printed = text(&out.stdout);
-    assert!(!printed.contains("hunter2"), "{printed}");
+    assert!(
+        !printed.contains("hunter2") && !printed.contains("swordfish"),
+        "{printed}"
+    );
     assert!(
         printed.contains("postgres://app:********************@db:5432/app"),
         "{printed}"

@@ -648,3 +648,96 @@ async fn https_check_verifies_the_certificate() {
     let text = message(&body, "untrusted", "sidecar.E001");
     assert!(text.contains("certificate"), "{text}");
 }
+
+#[tokio::test]
+async fn a_poll_that_gives_up_does_not_cancel_the_round() {
+    let app = Upstream::start();
+    let sidecar = sidecar(
+        &app,
+        "cache_ttl = \"0s\"",
+        &[check("app", "upstream", "path = \"/slow/1500\"")],
+    );
+    let url = sidecar.url("/__heartbeat__");
+    let started = Instant::now();
+    // This poll gives up long before the round ends.
+    let impatient = tokio::time::timeout(Duration::from_millis(300), get(&url, &[])).await;
+    assert!(impatient.is_err());
+    // A patient poll joins the same round and gets its result.
+    let reply = get(&url, &[]).await;
+    assert_eq!(reply.status, 200);
+    assert!(
+        started.elapsed() < Duration::from_millis(2800),
+        "answered after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(app.hits(), 1, "one round for both polls");
+}
+
+#[tokio::test]
+async fn a_timed_out_postgres_check_leaves_no_connection_behind() {
+    let app = Upstream::start();
+    let marker = format!("heartbeat_probe_{}", std::process::id());
+    let query = format!("SELECT pg_sleep(30) AS {marker}");
+    let sidecar = sidecar(
+        &app,
+        "cache_ttl = \"0s\"",
+        &[check(
+            "db",
+            "postgres",
+            &format!(
+                "url = \"{}\"\nquery = \"{query}\"\ntimeout = \"300ms\"",
+                postgres_url()
+            ),
+        )],
+    );
+    for _ in 0..3 {
+        let body = get(&sidecar.url("/__heartbeat__"), &[]).await.json();
+        assert_eq!(
+            message(&body, "db", "sidecar.E003"),
+            "timed out after 300ms"
+        );
+    }
+    let (client, connection) = tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let end = Instant::now() + common::DEADLINE;
+    loop {
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE $1 AND pid <> pg_backend_pid()",
+                &[&format!("%{marker}%")],
+            )
+            .await
+            .unwrap();
+        let left: i64 = row.get(0);
+        if left == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "{left} backends still run the timed-out query"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn silencing_applies_to_merged_checks() {
+    let app = Upstream::start();
+    let sidecar = sidecar(
+        &app,
+        "silenced = [\"dockerflow.health.W001\", \"dockerflow.health.E001\"]",
+        &[check(
+            "app",
+            "upstream",
+            "path = \"/dockerflow-heartbeat\"\nmerge = true",
+        )],
+    );
+    let reply = get(&sidecar.url("/__heartbeat__"), &[]).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        reply.json(),
+        json!({"status": "ok", "checks": {"app": "ok", "database": "ok", "migrations": "ok", "redis": "ok"}, "details": {}})
+    );
+}

@@ -194,10 +194,17 @@ fn parse_heartbeat(body: &[u8]) -> Option<Vec<CheckResult>> {
                         .collect()
                 })
                 .unwrap_or_default();
+            // The level stands on its own only when no message carries it:
+            // otherwise silencing the messages must also silence the level.
+            let bare_level = if messages.is_empty() {
+                level
+            } else {
+                Level::OK
+            };
             CheckResult {
                 name: name.clone(),
                 messages,
-                bare_level: level,
+                bare_level,
             }
         })
         .collect();

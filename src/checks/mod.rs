@@ -186,12 +186,13 @@ impl Registry {
         let mut entries = Vec::new();
         for check in &config.heartbeat.checks {
             let level = Level::from(check.level);
-            let built = build(check, level, config)
+            let timeout = check.timeout.unwrap_or(config.heartbeat.timeout);
+            let built = build(check, level, timeout, config)
                 .map_err(|e| format!("heartbeat check `{}`: {e}", check.name))?;
             entries.push(Entry {
                 name: check.name.clone(),
                 level,
-                timeout: check.timeout.unwrap_or(config.heartbeat.timeout),
+                timeout,
                 check: built,
             });
         }
@@ -254,12 +255,17 @@ impl Registry {
 }
 
 /// The check for one configuration entry.
-fn build(check: &CheckConfig, level: Level, config: &Config) -> Result<Box<dyn Check>, String> {
+fn build(
+    check: &CheckConfig,
+    level: Level,
+    timeout: Duration,
+    config: &Config,
+) -> Result<Box<dyn Check>, String> {
     Ok(match check.kind {
         CheckKind::Upstream => Box::new(http::HttpCheck::upstream(check, level, config)),
         CheckKind::Http => Box::new(http::HttpCheck::url(check, level)?),
         CheckKind::Tcp => Box::new(tcp::TcpCheck::new(check, level)),
-        CheckKind::Postgres => Box::new(postgres::PostgresCheck::new(check, level)?),
+        CheckKind::Postgres => Box::new(postgres::PostgresCheck::new(check, level, timeout)?),
         CheckKind::Redis => Box::new(redis::RedisCheck::new(check, level)?),
         CheckKind::Disk => Box::new(disk::DiskCheck::new(check, level)),
         CheckKind::File => Box::new(file::FileCheck::new(check, level)),

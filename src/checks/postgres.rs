@@ -23,11 +23,26 @@ pub struct PostgresCheck {
 
 impl PostgresCheck {
     /// The check for the entry's `url`.
-    pub fn new(check: &CheckConfig, level: Level) -> Result<PostgresCheck, String> {
+    pub fn new(
+        check: &CheckConfig,
+        level: Level,
+        timeout: std::time::Duration,
+    ) -> Result<PostgresCheck, String> {
         let url = check.url.clone().unwrap_or_default();
-        let config: tokio_postgres::Config = url
+        let mut config: tokio_postgres::Config = url
             .parse()
             .map_err(|e| format!("`{}` is not a PostgreSQL URL: {e}", shown(&url)))?;
+        if check.ca_file.is_some() {
+            // Verification means nothing if a man in the middle can answer
+            // "no TLS here" and get plaintext: with a CA file, TLS is required.
+            config.ssl_mode(tokio_postgres::config::SslMode::Require);
+        }
+        // The server gives up on a query the check has given up on, instead
+        // of keeping a backend busy after the connection is gone.
+        config.options(format!(
+            "-c statement_timeout={}",
+            timeout.as_millis().max(1)
+        ));
         // libpq's semantics: sslmode prefer/require encrypt without
         // verifying; a configured CA file asks for verification (verify-full).
         let tls = match &check.ca_file {
@@ -56,8 +71,10 @@ impl PostgresCheck {
                 )
             }
         };
-        // The connection does the I/O; it ends when `client` is dropped.
-        tokio::spawn(connection);
+        // The connection does the I/O. It ends when `client` is dropped on
+        // the normal path; when the check times out, this guard aborts it so
+        // no socket (and no server backend) outlives the check.
+        let _connection = AbortOnDrop(tokio::spawn(connection));
         if let Err(e) = client.simple_query(&self.query).await {
             return Outcome::fail(
                 "sidecar.E004",
@@ -102,5 +119,14 @@ fn describe(e: &tokio_postgres::Error) -> String {
 impl Check for PostgresCheck {
     fn run(&self) -> CheckFuture<'_> {
         Box::pin(self.check())
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

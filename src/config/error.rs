@@ -157,10 +157,29 @@ impl ConfigError {
                 } else {
                     Origin::Default
                 };
-                let name = checks.get(p.index).map(|c| c.name.as_str()).unwrap_or("");
+                // A problem of `[heartbeat]` itself rather than of one check.
+                let Some(check) = checks.get(p.index) else {
+                    let path = ["heartbeat".to_owned(), p.key.to_owned()];
+                    let origin = if std::env::var_os(env_name(&path)).is_some() {
+                        Origin::Env(env_name(&path))
+                    } else if let (Some(file), Some(doc)) = (file, doc.as_ref()) {
+                        Origin::File {
+                            path: file.to_owned(),
+                            line: line_of(doc, &path),
+                        }
+                    } else {
+                        Origin::Default
+                    };
+                    return Problem {
+                        key: format!("heartbeat.{}", p.key),
+                        context: None,
+                        origin,
+                        reason: p.reason,
+                    };
+                };
                 Problem {
                     key: format!("heartbeat.checks[{}].{}", p.index, p.key),
-                    context: Some(format!("check `{name}`")),
+                    context: Some(format!("check `{}`", check.name)),
                     origin,
                     reason: p.reason,
                 }

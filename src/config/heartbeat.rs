@@ -294,6 +294,13 @@ impl HeartbeatConfig {
     /// Checks the per-kind rules and reads `url_file`s into `url`.
     pub(super) fn validate(&mut self) -> Vec<CheckProblem> {
         let mut problems = Vec::new();
+        if self.timeout == Duration::ZERO {
+            problems.push(CheckProblem {
+                index: usize::MAX,
+                key: "timeout",
+                reason: "heartbeat.timeout must be longer than 0s".into(),
+            });
+        }
         let mut seen = std::collections::HashSet::new();
         for (index, check) in self.checks.iter_mut().enumerate() {
             let mut problem = |key: &'static str, reason: String| {
@@ -334,10 +341,15 @@ impl HeartbeatConfig {
                     let scheme = url.split_once("://").map(|(s, _)| s);
                     if !scheme.is_some_and(|s| schemes.contains(&s)) {
                         problem("url", format!("`{}` is not valid: expected {}", super::mask::mask_url_password(url), scheme_list(schemes)));
-                    } else if kind == CheckKind::Tcp && url.trim_start_matches("tcp://").rsplit_once(':').is_none_or(|(_, p)| p.parse::<u16>().is_err()) {
-                        problem("url", format!("`{url}` is not valid: expected tcp://host:port"));
+                    } else if kind == CheckKind::Tcp
+                        && url
+                            .trim_start_matches("tcp://")
+                            .rsplit_once(':')
+                            .is_none_or(|(host, p)| host.is_empty() || p.parse::<u16>().is_err())
+                    {
+                        problem("url", format!("`{}` is not valid: expected tcp://host:port", super::mask::mask_url_password(url)));
                     } else if kind == CheckKind::Http && url.parse::<http::Uri>().is_err() {
-                        problem("url", format!("`{url}` is not a valid URL"));
+                        problem("url", format!("`{}` is not a valid URL", super::mask::mask_url_password(url)));
                     }
                 }
                 (Some(_), true) if kind == CheckKind::Upstream => problem(
@@ -379,6 +391,14 @@ impl HeartbeatConfig {
                     );
                 }
                 _ => {}
+            }
+            if check.timeout == Some(Duration::ZERO) {
+                problem("timeout", "a check's timeout must be longer than 0s".into());
+            }
+            if let Some(ca_file) = &check.ca_file {
+                if let Err(e) = std::fs::File::open(ca_file) {
+                    problem("ca_file", format!("cannot read {}: {e}", ca_file.display()));
+                }
             }
             let only = |key: &'static str, set: bool, kinds: &[CheckKind]| {
                 (set && !kinds.contains(&kind)).then_some(key)

@@ -49,27 +49,39 @@ fn mask_value(key: Option<&str>, value: &mut toml::Value) {
     }
 }
 
-/// `scheme://user:secret@host/…` → `scheme://user:********************@host/…`.
+/// Masks the password of `scheme://user:secret@host/…` and the values of
+/// secret-named query parameters (`?password=…`, `sslpassword`, `token`…).
+/// When the URL is odd (a `#` or `/` in the password), more is masked rather
+/// than less.
 pub fn mask_url_password(s: &str) -> String {
     let Some(scheme_end) = s.find("://") else {
         return s.to_owned();
     };
-    let rest = &s[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let Some(at) = authority.rfind('@') else {
-        return s.to_owned();
+    let (head, rest) = s.split_at(scheme_end + 3);
+    // The last '@' ends the userinfo: a password may contain '#', '/', '?'.
+    let rest = match rest.rfind('@') {
+        Some(at) => match rest[..at].find(':') {
+            Some(colon) => format!("{}:{MASK}{}", &rest[..colon], &rest[at..]),
+            None => rest.to_owned(),
+        },
+        None => rest.to_owned(),
     };
-    let userinfo = &authority[..at];
-    let Some(colon) = userinfo.find(':') else {
-        return s.to_owned();
+    let rest = match rest.split_once('?') {
+        Some((path, query)) => {
+            let params: Vec<String> = query
+                .split('&')
+                .map(|param| match param.split_once('=') {
+                    Some((key, value)) if !value.is_empty() && is_secret_key(key) => {
+                        format!("{key}={MASK}")
+                    }
+                    _ => param.to_owned(),
+                })
+                .collect();
+            format!("{path}?{}", params.join("&"))
+        }
+        None => rest,
     };
-    format!(
-        "{}{}:{MASK}{}",
-        &s[..scheme_end + 3],
-        &userinfo[..colon],
-        &rest[at..]
-    )
+    format!("{head}{rest}")
 }
 
 #[cfg(test)]

@@ -1,11 +1,13 @@
 //! `/__heartbeat__`: python-dockerflow's response shape over the checks, a
 //! short cache with single flight (any number of concurrent polls cause one
-//! round of checks), and the transitions that become events and log lines.
+//! round of checks, which runs in its own task so no poll can cancel it),
+//! and the transitions that become events and log lines.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::future::{BoxFuture, FutureExt, Shared};
 use http::{Response, StatusCode};
 use serde_json::{json, Map, Value};
 
@@ -16,15 +18,21 @@ use crate::events::{Bus, CheckState, Event, EventData};
 
 /// Runs the checks, caches the result, and renders it.
 pub struct Heartbeat {
-    registry: Registry,
+    inner: Arc<Inner>,
     failed_status: StatusCode,
     details: HeartbeatDetails,
+}
+
+/// What a round of checks needs; shared with the task that runs it.
+struct Inner {
+    registry: Registry,
     ttl: Duration,
     bus: Bus,
-    /// Held while a round of checks runs: concurrent polls wait here and
-    /// then read the fresh result instead of starting rounds of their own.
-    state: tokio::sync::Mutex<State>,
+    state: Mutex<State>,
 }
+
+/// A round in flight, awaited by every poll that arrives while it runs.
+type Round = Shared<BoxFuture<'static, Arc<Report>>>;
 
 /// The last round and what it means.
 #[derive(Default)]
@@ -37,18 +45,22 @@ struct State {
     levels: HashMap<String, Level>,
     /// Whether the cached report failed (worst level ≥ error).
     failing: bool,
+    /// The round running now, if any.
+    running: Option<Round>,
 }
 
 impl Heartbeat {
     /// A heartbeat over `registry`, publishing transitions on `bus`.
     pub fn new(registry: Registry, config: &HeartbeatConfig, bus: Bus) -> Heartbeat {
         Heartbeat {
-            registry,
+            inner: Arc::new(Inner {
+                registry,
+                ttl: config.cache_ttl,
+                bus,
+                state: Mutex::new(State::default()),
+            }),
             failed_status: config.failed_status.0,
             details: config.details,
-            ttl: config.cache_ttl,
-            bus,
-            state: tokio::sync::Mutex::new(State::default()),
         }
     }
 
@@ -69,57 +81,98 @@ impl Heartbeat {
         super::json(status, body)
     }
 
-    /// The current report: the cached one while fresh, or one that finished
-    /// while this call waited (single flight, whatever the TTL), else a new
-    /// round.
+    /// The current report: the cached one while fresh, else the round
+    /// running now (single flight, whatever the TTL), else a new round.
+    ///
+    /// The round runs in its own task: a poll that gives up does not cancel
+    /// it, and its result is recorded whoever is still waiting.
     pub async fn report(&self) -> Arc<Report> {
-        let asked = Instant::now();
-        let mut state = self.state.lock().await;
-        if let Some(at) = state.at {
-            if at >= asked || at.elapsed() < self.ttl {
-                return state.report.clone();
+        let round = {
+            let mut state = self.inner.lock();
+            if let Some(at) = state.at {
+                if at.elapsed() < self.inner.ttl {
+                    return state.report.clone();
+                }
             }
-        }
-        let report = Arc::new(self.registry.run_all().await);
-        self.record(&mut state, &report);
-        state.at = Some(Instant::now());
-        state.report = report.clone();
-        report
+            match &state.running {
+                Some(round) => round.clone(),
+                None => {
+                    let inner = self.inner.clone();
+                    let task = tokio::spawn(async move {
+                        let report = Arc::new(inner.registry.run_all().await);
+                        inner.record(&report);
+                        report
+                    });
+                    let round: Round = async move { task.await.unwrap_or_default() }
+                        .boxed()
+                        .shared();
+                    state.running = Some(round.clone());
+                    round
+                }
+            }
+        };
+        round.await
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Logs the checks whose level changed and publishes pass/fail changes.
-    fn record(&self, state: &mut State, report: &Report) {
+    /// Caches `report`, logs the checks whose level changed and publishes
+    /// pass/fail changes.
+    fn record(&self, report: &Arc<Report>) {
+        let mut state = self.lock();
         let levels: HashMap<String, Level> = report
             .results()
             .iter()
             .map(|r| (r.name.clone(), r.level()))
             .collect();
-        let mut changed: Vec<String> = levels
+        let mut changes: Vec<(&str, Level, Option<Level>)> = levels
             .iter()
-            .filter(|(name, level)| {
-                state.levels.get(*name).copied().unwrap_or(Level::OK) != **level
-            })
             .map(|(name, level)| {
-                let before = state.levels.get(name).copied().unwrap_or(Level::OK);
-                format!("{name}: {} → {}", before.name(), level.name())
+                (
+                    name.as_str(),
+                    state.levels.get(name).copied().unwrap_or(Level::OK),
+                    Some(*level),
+                )
             })
+            .filter(|(_, before, after)| Some(*before) != *after)
             .collect();
         // A check that disappeared (a merged one no longer reported) recovered.
-        changed.extend(
+        changes.extend(
             state
                 .levels
                 .iter()
                 .filter(|(name, level)| **level > Level::OK && !levels.contains_key(*name))
-                .map(|(name, level)| format!("{name}: {} → gone", level.name())),
+                .map(|(name, level)| (name.as_str(), *level, None)),
         );
-        changed.sort();
-        if !changed.is_empty() {
-            let worst = report.level();
+        changes.sort_by(|a, b| a.0.cmp(b.0));
+        if !changes.is_empty() {
+            // The line is as severe as the worst level a changed check went to.
+            let worst_new = changes
+                .iter()
+                .filter_map(|c| c.2)
+                .max()
+                .unwrap_or(Level::OK);
+            let changed: Vec<String> = changes
+                .iter()
+                .map(|(name, before, after)| {
+                    format!(
+                        "{name}: {} → {}",
+                        before.name(),
+                        after.map_or("gone", |l| l.name())
+                    )
+                })
+                .collect();
             let changed = changed.join(", ");
-            let status = worst.name();
-            if worst >= Level::ERROR {
+            let status = report.level().name();
+            if worst_new >= Level::ERROR {
                 tracing::error!(target: "heartbeat", status, changed = %changed, "heartbeat checks changed");
-            } else if worst >= Level::WARNING {
+            } else if worst_new >= Level::WARNING {
                 tracing::warn!(target: "heartbeat", status, changed = %changed, "heartbeat checks changed");
             } else {
                 tracing::info!(target: "heartbeat", status, changed = %changed, "heartbeat checks changed");
@@ -161,6 +214,9 @@ impl Heartbeat {
         }
         state.failing = failing;
         state.levels = levels;
+        state.report = report.clone();
+        state.at = Some(Instant::now());
+        state.running = None;
     }
 }
 
