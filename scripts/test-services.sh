@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Makes sure the services the tests use are installed and running on this
-# machine: PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379, with the
-# role the PostgreSQL tests log in as (password auth from 127.0.0.1, so a
-# wrong password really fails). Idempotent; installs with apt-get when root.
+# Makes sure what the tests use is installed and running on this machine:
+# PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379, with the role the
+# PostgreSQL tests log in as (password auth from 127.0.0.1, so a wrong
+# password really fails), and Debian's Chromium for the browser test.
+# Idempotent; installs with apt-get when root.
 set -euo pipefail
 
 PG_ROLE=dockerflow_sidecar
@@ -66,4 +67,6 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
         --dir /tmp --logfile /tmp/redis-dockerflow-sidecar.log
     wait_for "Redis" redis-cli -h 127.0.0.1 -p 6379 ping
 fi
-log "PostgreSQL and Redis are ready"
+# --- Chromium (tests/browser.rs) -------------------------------------------
+command -v chromium >/dev/null || { log "installing Chromium"; apt_install chromium; }
+log "PostgreSQL, Redis and Chromium are ready"

@@ -210,7 +210,9 @@ impl Intake {
                 .map(|u| clean::text(if keep { u } else { clean::cut_query(u) }))
         };
         let fields = ReportFields {
-            id: uuid::Uuid::new_v4().to_string(),
+            // Time-ordered (v7): rows are appended to the id index instead of
+            // scattered through it, which keeps inserts fast.
+            id: uuid::Uuid::now_v7().to_string(),
             kind: clean::text(&report.kind),
             url: url(&report.document_url),
             directive: report.directive.as_deref().map(clean::text),

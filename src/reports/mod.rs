@@ -14,7 +14,7 @@ pub use intake::Intake;
 /// control characters, URLs without query strings unless configured).
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ReportFields {
-    /// uuid4 of the stored row (of the first report, when deduplicated).
+    /// uuid (v7, time-ordered) of the stored row (of the first report, when deduplicated).
     pub id: String,
     /// Report type.
     #[serde(rename = "type")]

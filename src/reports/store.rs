@@ -65,7 +65,12 @@ enum Msg {
 pub struct ReportStore {
     tx: SyncSender<Msg>,
     dropped: AtomicU64,
+    /// Unix seconds of the last "dropped" warning (one per `WARN_EVERY`).
+    warned: AtomicU64,
 }
+
+/// At most one warning about dropped reports this often.
+const WARN_EVERY: u64 = 10;
 
 /// Unix milliseconds.
 pub fn unix_ms(time: SystemTime) -> i64 {
@@ -93,6 +98,7 @@ impl ReportStore {
         Ok(ReportStore {
             tx,
             dropped: AtomicU64::new(0),
+            warned: AtomicU64::new(0),
         })
     }
 
@@ -101,7 +107,20 @@ impl ReportStore {
         match self.tx.try_send(Msg::Report(Box::new(report))) {
             Ok(()) => true,
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
+                let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                let now = (unix_ms(SystemTime::now()) / 1000) as u64;
+                let last = self.warned.load(Ordering::Relaxed);
+                if now >= last + WARN_EVERY
+                    && self
+                        .warned
+                        .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    tracing::warn!(
+                        dropped,
+                        "report queue full: reports are counted and dropped"
+                    );
+                }
                 false
             }
         }

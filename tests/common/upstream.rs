@@ -7,6 +7,7 @@
 //! - `/hop`: response headers a proxy must strip;
 //! - `/upgrade`: 101 to protocol `echo`, then echoes bytes back;
 //! - `/bogus-101`: 101 whatever the request asked;
+//! - `/csp-page`, `/csp-page-report-to`: HTML whose CSP the page itself violates;
 //! - `/count`: reads the body and answers `{"bytes": n}`;
 //! - `/download/<n>`: streams n bytes;
 //! - anything else: a JSON echo of the request as received.
@@ -240,6 +241,42 @@ async fn handle(mut req: Request<Incoming>, health: u16) -> Result<Response<Body
                 .insert("connection", "upgrade".parse().unwrap());
             resp.headers_mut()
                 .insert("upgrade", "echo".parse().unwrap());
+            resp
+        }
+        ["", "csp-page"] => {
+            // Inline script, inline style, a style attribute and an image:
+            // four violations of this policy, reported to /__cspreport__.
+            let html = "<!doctype html><html><head><title>csp</title>\
+                <style>body { color: red }</style>\
+                <script>document.title = 'ran';</script></head>\
+                <body><img src=\"/blocked.png\"><p style=\"color: blue\">hello</p></body></html>";
+            let mut resp = full(StatusCode::OK, html);
+            resp.headers_mut()
+                .insert("content-type", "text/html; charset=utf-8".parse().unwrap());
+            resp.headers_mut().insert(
+                "content-security-policy",
+                "default-src 'none'; img-src 'none'; script-src 'self'; style-src 'self'; report-uri /__cspreport__"
+                    .parse()
+                    .unwrap(),
+            );
+            resp
+        }
+        ["", "csp-page-report-to"] => {
+            let html = "<!doctype html><html><head><title>csp</title></head>\
+                <body><img src=\"/blocked.png\"></body></html>";
+            let mut resp = full(StatusCode::OK, html);
+            resp.headers_mut()
+                .insert("content-type", "text/html; charset=utf-8".parse().unwrap());
+            resp.headers_mut().insert(
+                "reporting-endpoints",
+                "csp=\"/__cspreport__\"".parse().unwrap(),
+            );
+            resp.headers_mut().insert(
+                "content-security-policy",
+                "default-src 'none'; img-src 'none'; report-to csp"
+                    .parse()
+                    .unwrap(),
+            );
             resp
         }
         ["", "bogus-101"] => {
