@@ -79,9 +79,8 @@ impl App {
     }
 }
 
-/// Binds the listener, logs `listening` with the bound address, and serves
-/// until `signal` resolves; then drains and returns when every connection
-/// and tunnel has finished or the grace period is over.
+/// Binds the listener, builds the app, and serves until `signal` resolves
+/// (see [`serve`]).
 pub async fn run(
     config: Config,
     logger: Arc<Logger>,
@@ -90,17 +89,27 @@ pub async fn run(
     let listener = TcpListener::bind(config.listen).await.map_err(|e| {
         std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.listen))
     })?;
+    let app = App::new(config, logger).map_err(std::io::Error::other)?;
+    serve(Arc::new(app), listener, signal).await
+}
+
+/// Logs `listening` with the bound address and serves `listener` until
+/// `signal` resolves; then drains, and returns when every connection and
+/// tunnel has finished or the grace period is over, and every accepted
+/// report is stored. Tests start an [`App`] this way to reach its bus.
+pub async fn serve(
+    app: Arc<App>,
+    listener: TcpListener,
+    signal: impl Future<Output = ()>,
+) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(
         addr = %addr,
-        upstream = %config.upstream.url,
+        upstream = %app.config.upstream.url,
         version = env!("CARGO_PKG_VERSION"),
         "listening"
     );
-    let app = App::new(config, logger).map_err(std::io::Error::other)?;
-    let app = Arc::new(app);
     server::serve(app.clone(), listener, signal).await;
-    // Every accepted report is stored before the process exits.
     let flushing = app.clone();
     let _ = tokio::task::spawn_blocking(move || {
         flushing.reports.flush(std::time::Duration::from_secs(5))
