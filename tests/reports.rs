@@ -539,3 +539,26 @@ async fn reports_are_stored_before_exit() {
     let out = sidecar.cli(&["reports", "list", "--json"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 50);
 }
+
+#[tokio::test]
+async fn reports_past_retention_are_deleted_automatically() {
+    let app = Upstream::start();
+    let sidecar = SidecarBuilder::new(&app.url())
+        .toml("[reports]\nretention = \"300ms\"")
+        .start();
+    let first = json!({"csp-report": {"document-uri": "https://a.example/old", "violated-directive": "img-src"}});
+    assert_eq!(post(&sidecar, CSP, first.to_string()).await.status, 204);
+    stored(&sidecar, 1);
+    tokio::time::sleep(Duration::from_millis(400)).await; // let the first report age past retention
+    let second = json!({"csp-report": {"document-uri": "https://a.example/new", "violated-directive": "img-src"}});
+    assert_eq!(post(&sidecar, CSP, second.to_string()).await.status, 204);
+    let end = std::time::Instant::now() + common::DEADLINE;
+    loop {
+        let rows = stored(&sidecar, 1);
+        if rows.len() == 1 && rows[0]["url"] == "https://a.example/new" {
+            break;
+        }
+        assert!(std::time::Instant::now() < end, "{rows:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -12,7 +12,7 @@ use serde::Serialize;
 
 /// Most reports written in one transaction.
 const BATCH: usize = 1024;
-/// How often the writer deletes rows past retention.
+/// How often the writer deletes rows past retention (at most; and at start).
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
 
 /// A report as stored.
@@ -153,6 +153,8 @@ impl ReportStore {
 }
 
 fn write_loop(mut conn: Connection, rx: Receiver<Msg>, window: i64, retention: i64) {
+    // A short retention is pruned as often as it asks for.
+    let prune_every = PRUNE_EVERY.min(Duration::from_millis(retention.max(1) as u64));
     let mut last_prune = Instant::now();
     prune_older(&conn, unix_ms(SystemTime::now()) - retention);
     while let Ok(first) = rx.recv() {
@@ -180,7 +182,7 @@ fn write_loop(mut conn: Connection, rx: Receiver<Msg>, window: i64, retention: i
         for ack in acks {
             let _ = ack.send(());
         }
-        if last_prune.elapsed() >= PRUNE_EVERY {
+        if last_prune.elapsed() >= prune_every {
             prune_older(&conn, unix_ms(SystemTime::now()) - retention);
             last_prune = Instant::now();
         }
