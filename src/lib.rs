@@ -110,10 +110,14 @@ pub async fn serve(
         "listening"
     );
     server::serve(app.clone(), listener, signal).await;
+    // Every accepted report is stored before the process exits.
     let flushing = app.clone();
-    let _ = tokio::task::spawn_blocking(move || {
-        flushing.reports.flush(std::time::Duration::from_secs(5))
+    let flushed = tokio::task::spawn_blocking(move || {
+        flushing.reports.flush(std::time::Duration::from_secs(30))
     })
     .await;
+    if !matches!(flushed, Ok(true)) {
+        tracing::error!("reports still queued at exit could not all be stored within 30s");
+    }
     Ok(())
 }

@@ -102,7 +102,8 @@ fn main() -> ExitCode {
 /// `reports list|show|prune`, straight on the state file.
 fn reports(config: &Config, command: ReportsCommand) -> ExitCode {
     use dockerflow_sidecar::reports::store;
-    let conn = match dockerflow_sidecar::store::open_existing(&config.state.path) {
+    let read_only = !matches!(command, ReportsCommand::Prune { .. });
+    let conn = match dockerflow_sidecar::store::open_existing(&config.state.path, read_only) {
         Ok(conn) => conn,
         Err(e) => {
             eprintln!("dockerflow-sidecar: {e}");
@@ -110,7 +111,7 @@ fn reports(config: &Config, command: ReportsCommand) -> ExitCode {
         }
     };
     let now = store::unix_ms(std::time::SystemTime::now());
-    let ago = |d: Duration| now - d.as_millis() as i64;
+    let ago = |d: Duration| now.saturating_sub(store::millis(d));
     let result = match command {
         ReportsCommand::List { since, kind, json } => {
             store::list(&conn, ago(since), kind.as_deref()).map(|rows| {

@@ -2,6 +2,7 @@
 //! side of the sidecar, and the errors the proxy answers itself.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -21,6 +22,8 @@ pub struct Proxy {
     client: UpstreamClient<RequestBody>,
     /// For bodies the sidecar has already read (reports passed on).
     copies: UpstreamClient<http_body_util::Full<bytes::Bytes>>,
+    /// Copies in flight at most; more are not sent (and say so).
+    copy_slots: Arc<tokio::sync::Semaphore>,
     /// The authority every forwarded URI carries (the pool key).
     authority: Authority,
     /// Header carrying the request id.
@@ -30,6 +33,9 @@ pub struct Proxy {
     /// Where WebSocket and other upgraded tunnels are tracked for shutdown.
     tunnels: TaskTracker,
 }
+
+/// Report copies passed on to the app at once, at most (each holds its body).
+const COPIES_IN_FLIGHT: usize = 64;
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1),
 /// plus `Proxy-Connection`, which old clients still send.
@@ -48,6 +54,7 @@ impl Proxy {
         Proxy {
             client: upstream::client(&config.upstream),
             copies: upstream::client(&config.upstream),
+            copy_slots: Arc::new(tokio::sync::Semaphore::new(COPIES_IN_FLIGHT)),
             authority: upstream::authority(&config.upstream.url),
             rid_header: config.logging.request_id_header.name.clone(),
             response_header_timeout: config.upstream.response_header_timeout,
@@ -143,8 +150,10 @@ impl Proxy {
     }
 
     /// Passes a copy of a request the sidecar answered itself (an accepted
-    /// report, with `reports.forward`) on to the app, in the background; the
-    /// app's answer is only logged when it is an error.
+    /// report, with `reports.forward`) on to the app, in the background and
+    /// tracked for shutdown; at most `COPIES_IN_FLIGHT` at once (beyond that
+    /// the copy is skipped with a warning). The app's answer is only logged
+    /// when it is an error.
     pub fn send_copy(
         &self,
         method: http::Method,
@@ -167,9 +176,14 @@ impl Proxy {
         *req.method_mut() = method;
         *req.uri_mut() = self.upstream_uri(uri);
         *req.headers_mut() = headers;
+        let Ok(slot) = self.copy_slots.clone().try_acquire_owned() else {
+            tracing::warn!("too many reports being passed on to the app: this one is not");
+            return;
+        };
         let client = self.copies.clone();
         let limit = self.response_header_timeout;
-        tokio::spawn(async move {
+        self.tunnels.spawn(async move {
+            let _slot = slot;
             match tokio::time::timeout(limit, client.request(req)).await {
                 Ok(Ok(resp)) if resp.status().is_success() => {}
                 Ok(Ok(resp)) => tracing::warn!(

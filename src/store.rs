@@ -48,15 +48,23 @@ pub fn open(path: &Path) -> Result<Connection, String> {
     Ok(conn)
 }
 
-/// Opens the state file for reading (CLI commands), without creating it.
-pub fn open_existing(path: &Path) -> Result<Connection, String> {
+/// Opens an existing state file for the CLI: read-only for `read_only`
+/// commands (no migration, no new -wal/-shm files owned by whoever runs it).
+pub fn open_existing(path: &Path, read_only: bool) -> Result<Connection, String> {
     if !path.exists() {
         return Err(format!(
             "state file {} does not exist (set state.path, or run from the sidecar's working directory)",
             path.display()
         ));
     }
-    open(path)
+    if !read_only {
+        return open(path);
+    }
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(|e| format!("state file {}: cannot open: {e}", path.display()))?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(|e| format!("state file {}: busy timeout: {e}", path.display()))?;
+    Ok(conn)
 }
 
 fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {

@@ -23,7 +23,10 @@ pub struct ReportsConfig {
     pub max_batch_body: ByteSize,
     /// Most reports in one batch.
     pub max_batch_reports: usize,
-    /// Report requests per second from one client address.
+    /// Longest a client may take to send a report body (then 408).
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
+    /// Report requests per second from one client address (IPv6: one /64).
     pub rate_per_client: u32,
     /// Requests one client may send at once before `rate_per_client` applies.
     pub burst_per_client: u32,
@@ -63,6 +66,7 @@ impl Default for ReportsConfig {
             max_body: ByteSize(64 * 1024),
             max_batch_body: ByteSize(1024 * 1024),
             max_batch_reports: 100,
+            body_timeout: Duration::from_secs(10),
             rate_per_client: 50,
             burst_per_client: 100,
             global_rate: 20_000,

@@ -7,11 +7,43 @@ use serde_json::Value;
 /// Longest text field logged or stored, in characters.
 pub const MAX_FIELD: usize = 1024;
 
-/// `https://app.example/page?token=x#frag` → `https://app.example/page`.
-pub fn cut_query(url: &str) -> &str {
-    match url.find(['?', '#']) {
-        Some(end) => &url[..end],
-        None => url,
+/// Keys whose values are URLs in the shapes browsers send.
+const URL_KEYS: [&str; 14] = [
+    "document-uri",
+    "documenturl",
+    "documenturi",
+    "blocked-uri",
+    "blockedurl",
+    "blockeduri",
+    "referrer",
+    "source-file",
+    "sourcefile",
+    "url",
+    "previousresponseurl",
+    "nextresponseurl",
+    "document-url",
+    "blocked-url",
+];
+
+/// Keys whose values are samples of page content (may hold anything).
+const SAMPLE_KEYS: [&str; 2] = ["script-sample", "sample"];
+
+/// `https://user:pw@app.example/page;jsessionid=x?token=x#frag` →
+/// `https://app.example/page`: no credentials, path parameters, query or
+/// fragment.
+pub fn cut_query(url: &str) -> String {
+    let end = url.find(['?', '#', ';']).unwrap_or(url.len());
+    let url = &url[..end];
+    match url.find("://") {
+        Some(scheme_end) => {
+            let rest = &url[scheme_end + 3..];
+            let authority_end = rest.find('/').unwrap_or(rest.len());
+            match rest[..authority_end].rfind('@') {
+                Some(at) => format!("{}{}", &url[..scheme_end + 3], &rest[at + 1..]),
+                None => url.to_owned(),
+            }
+        }
+        None => url.to_owned(),
     }
 }
 
@@ -24,15 +56,22 @@ pub fn text(value: &str) -> String {
         .collect()
 }
 
-/// Cuts the query string of every URL-looking string in `value`.
+/// Cuts every URL in `value` (values of URL keys, and any string with a
+/// scheme) and empties content samples.
 pub fn cut_queries_in(value: &mut Value) {
     match value {
-        Value::String(s) if s.contains("://") && s.contains(['?', '#']) => {
-            let cut = cut_query(s).to_owned();
-            *s = cut;
-        }
+        Value::String(s) if s.contains("://") => *s = cut_query(s),
         Value::Array(items) => items.iter_mut().for_each(cut_queries_in),
-        Value::Object(map) => map.values_mut().for_each(cut_queries_in),
+        Value::Object(map) => {
+            for (key, value) in map.iter_mut() {
+                let key = key.to_ascii_lowercase();
+                match value {
+                    Value::String(s) if URL_KEYS.contains(&key.as_str()) => *s = cut_query(s),
+                    Value::String(s) if SAMPLE_KEYS.contains(&key.as_str()) => s.clear(),
+                    other => cut_queries_in(other),
+                }
+            }
+        }
         _ => {}
     }
 }

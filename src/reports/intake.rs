@@ -3,7 +3,6 @@
 //! drop extension noise, clean, log, queue for storage, publish. Every
 //! answer is a 2xx or a 4xx with a short reason, whatever the input.
 
-use std::hash::{Hash, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -97,9 +96,10 @@ impl Intake {
         self.config.paths.iter().any(|p| p == path)
     }
 
-    /// Waits until every queued report is stored (at shutdown).
-    pub fn flush(&self, timeout: Duration) {
-        self.store.flush(timeout);
+    /// Waits until every queued report is stored (at shutdown); false when
+    /// the time ran out first.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        self.store.flush(timeout)
     }
 
     /// Reports dropped because the store's queue was full.
@@ -155,15 +155,28 @@ impl Intake {
             .headers()
             .get(header::USER_AGENT)
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-        let body = match Limited::new(req.into_body(), limit).collect().await {
-            Ok(body) => body.to_bytes(),
-            Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+        let read = tokio::time::timeout(
+            self.config.body_timeout,
+            Limited::new(req.into_body(), limit).collect(),
+        );
+        let body = match read.await {
+            Ok(Ok(body)) => body.to_bytes(),
+            Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
                 return self
                     .answer(self.text(StatusCode::PAYLOAD_TOO_LARGE, "report body too large"))
             }
-            Err(_) => {
+            Ok(Err(_)) => {
                 return self
                     .answer(self.text(StatusCode::BAD_REQUEST, "the body could not be read"))
+            }
+            Err(_) => {
+                let mut resp = self.text(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "the body took too long to arrive",
+                );
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return self.answer(resp);
             }
         };
         let Ok(text) = std::str::from_utf8(&body) else {
@@ -206,8 +219,13 @@ impl Intake {
         }
         let keep = self.config.keep_query_strings;
         let url = |u: &Option<String>| {
-            u.as_deref()
-                .map(|u| clean::text(if keep { u } else { clean::cut_query(u) }))
+            u.as_deref().map(|u| {
+                if keep {
+                    clean::text(u)
+                } else {
+                    clean::text(&clean::cut_query(u))
+                }
+            })
         };
         let fields = ReportFields {
             // Time-ordered (v7): rows are appended to the id index instead of
@@ -292,12 +310,14 @@ impl Intake {
         Some(usize::try_from(limit).unwrap_or(usize::MAX))
     }
 
-    /// Per-client and global rate limits; also keeps the per-client table small.
+    /// Global, then per-client rate limits (so a request the global cap
+    /// refuses costs the client nothing); also keeps the per-client table
+    /// small.
     fn admit(&self, client: IpAddr) -> bool {
         if self.requests.fetch_add(1, Ordering::Relaxed) % RETAIN_EVERY == RETAIN_EVERY - 1 {
             self.per_client.retain_recent();
         }
-        self.per_client.check_key(&client).is_ok() && self.global.check().is_ok()
+        self.global.check().is_ok() && self.per_client.check_key(&client_key(client)).is_ok()
     }
 
     fn preflight(&self) -> Response<ResponseBody> {
@@ -361,26 +381,44 @@ fn client_ip(req: &Request<Incoming>, peer: SocketAddr, from_forwarded_for: bool
             .filter_map(|ip| ip.trim().parse::<IpAddr>().ok())
             .next_back();
         if let Some(ip) = last {
-            return ip;
+            return ip.to_canonical();
         }
     }
     peer.ip().to_canonical()
 }
 
+/// The rate-limit key of a client: its address, or its /64 for IPv6 (one
+/// host usually owns a whole /64).
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let mut octets = v6.octets();
+            octets[8..].fill(0);
+            IpAddr::V6(octets.into())
+        }
+        v4 => v4,
+    }
+}
+
 /// What makes two reports the same: type, document (without query),
-/// directive, blocked URL and source position.
+/// directive, disposition, blocked URL and source position. FNV-1a, so the
+/// key is the same across builds and restarts.
 fn dedup_key(fields: &ReportFields) -> i64 {
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    fields.kind.hash(&mut hasher);
-    fields
-        .url
-        .as_deref()
-        .map(clean::cut_query)
-        .hash(&mut hasher);
-    fields.directive.hash(&mut hasher);
-    fields.blocked_url.hash(&mut hasher);
-    fields.source_file.hash(&mut hasher);
-    fields.line.hash(&mut hasher);
-    fields.column.hash(&mut hasher);
-    hasher.finish() as i64
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut feed = |part: &[u8]| {
+        for byte in part.iter().chain([&0xff]) {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    let text = |value: &Option<String>| value.clone().unwrap_or_default();
+    feed(fields.kind.as_bytes());
+    feed(clean::cut_query(&text(&fields.url)).as_bytes());
+    feed(text(&fields.directive).as_bytes());
+    feed(text(&fields.disposition).as_bytes());
+    feed(text(&fields.blocked_url).as_bytes());
+    feed(text(&fields.source_file).as_bytes());
+    feed(&fields.line.unwrap_or(u64::MAX).to_le_bytes());
+    feed(&fields.column.unwrap_or(u64::MAX).to_le_bytes());
+    hash as i64
 }

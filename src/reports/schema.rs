@@ -127,7 +127,17 @@ pub fn parse(
 /// A top-level object: legacy CSP, Expect-CT, HPKP or one Reporting API report.
 fn single(mut object: Map<String, Value>, user_agent: Option<&str>) -> Option<Report> {
     if let Some(Value::Object(csp)) = object.remove("csp-report") {
-        return Some(legacy_csp(csp, user_agent));
+        // An empty or unrelated object inside is not a CSP report.
+        const CSP_KEYS: [&str; 4] = [
+            "document-uri",
+            "violated-directive",
+            "effective-directive",
+            "blocked-uri",
+        ];
+        return CSP_KEYS
+            .iter()
+            .any(|k| csp.contains_key(*k))
+            .then(|| legacy_csp(csp, user_agent));
     }
     if let Some(Value::Object(ct)) = object.remove("expect-ct-report") {
         return Some(certificate_report("expect-ct", ct, user_agent));
@@ -253,10 +263,10 @@ fn clean_type(kind: &str) -> String {
         .collect()
 }
 
-/// The first of `keys` holding a non-empty string (or a number, as text).
+/// The first of `keys` holding a non-blank string (or a number, as text).
 fn text(object: &Map<String, Value>, keys: &[&str]) -> Option<String> {
     keys.iter().find_map(|k| match object.get(*k)? {
-        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::String(s) if !s.trim().is_empty() => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),
         _ => None,
     })

@@ -3,15 +3,23 @@
 //! into one row's count, and deletes what is past retention.
 
 use std::path::Path;
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::Serialize;
 
 /// Most reports written in one transaction.
 const BATCH: usize = 1024;
+/// Attempts at committing one batch before it is counted as dropped
+/// (about 15 s of retries with the backoff below).
+const COMMIT_ATTEMPTS: u32 = 10;
+/// Report bodies waiting for the writer at most, in bytes: with `queue`
+/// this bounds memory whatever the size of each report.
+const QUEUE_BYTES: usize = 64 * 1024 * 1024;
 /// How often the writer deletes rows past retention (at most; and at start).
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
 
@@ -64,9 +72,18 @@ enum Msg {
 /// The intake's handle on the writer.
 pub struct ReportStore {
     tx: SyncSender<Msg>,
-    dropped: AtomicU64,
+    shared: Arc<Shared>,
     /// Unix seconds of the last "dropped" warning (one per `WARN_EVERY`).
     warned: AtomicU64,
+}
+
+/// Counters the intake and the writer share.
+#[derive(Default)]
+struct Shared {
+    /// Reports dropped: queue full, or not storable.
+    dropped: AtomicU64,
+    /// Body bytes queued and not yet written.
+    queued_bytes: AtomicUsize,
 }
 
 /// At most one warning about dropped reports this often.
@@ -74,8 +91,13 @@ const WARN_EVERY: u64 = 10;
 
 /// Unix milliseconds.
 pub fn unix_ms(time: SystemTime) -> i64 {
-    time.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64)
+    time.duration_since(UNIX_EPOCH).map_or(0, millis)
+}
+
+/// A duration in milliseconds, saturating: "keep for 300000000 years" must
+/// not wrap into "delete everything".
+pub fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
 
 impl ReportStore {
@@ -89,25 +111,33 @@ impl ReportStore {
     ) -> Result<ReportStore, String> {
         let conn = crate::store::open(path)?;
         let (tx, rx) = mpsc::sync_channel(queue.max(1));
-        let window = dedup_window.as_millis() as i64;
-        let retention = retention.as_millis() as i64;
+        let window = millis(dedup_window);
+        let retention = millis(retention);
+        let shared = Arc::new(Shared::default());
+        let writer = shared.clone();
         std::thread::Builder::new()
             .name("report-writer".into())
-            .spawn(move || write_loop(conn, rx, window, retention))
+            .spawn(move || write_loop(conn, rx, writer, window, retention))
             .map_err(|e| format!("cannot start the report writer: {e}"))?;
         Ok(ReportStore {
             tx,
-            dropped: AtomicU64::new(0),
+            shared,
             warned: AtomicU64::new(0),
         })
     }
 
-    /// Queues a report; false (and counted) when the queue is full.
+    /// Queues a report; false (and counted) when the queue is full, by
+    /// count or by bytes.
     pub fn submit(&self, report: StoredReport) -> bool {
-        match self.tx.try_send(Msg::Report(Box::new(report))) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        let bytes = report.body.len();
+        let queued = self.shared.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+        let sent = queued + bytes <= QUEUE_BYTES
+            && self.tx.try_send(Msg::Report(Box::new(report))).is_ok();
+        match sent {
+            true => true,
+            false => {
+                self.shared.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+                let dropped = self.shared.dropped.fetch_add(1, Ordering::Relaxed) + 1;
                 let now = (unix_ms(SystemTime::now()) / 1000) as u64;
                 let last = self.warned.load(Ordering::Relaxed);
                 if now >= last + WARN_EVERY
@@ -128,12 +158,12 @@ impl ReportStore {
 
     /// Reports dropped because the queue was full, since start.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.shared.dropped.load(Ordering::Relaxed)
     }
 
     /// Waits (up to `timeout`) until every report queued before this call is
-    /// committed.
-    pub fn flush(&self, timeout: Duration) {
+    /// committed; false when the time ran out first.
+    pub fn flush(&self, timeout: Duration) -> bool {
         let (ack_tx, ack_rx) = mpsc::sync_channel(1);
         let deadline = Instant::now() + timeout;
         let mut msg = Msg::Flush(ack_tx);
@@ -145,47 +175,90 @@ impl ReportStore {
                     msg = back;
                     std::thread::sleep(Duration::from_millis(2));
                 }
-                Err(_) => return,
+                Err(_) => return false,
             }
         }
-        let _ = ack_rx.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+        ack_rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .is_ok()
     }
 }
 
-fn write_loop(mut conn: Connection, rx: Receiver<Msg>, window: i64, retention: i64) {
-    // A short retention is pruned as often as it asks for.
+fn write_loop(
+    mut conn: Connection,
+    rx: Receiver<Msg>,
+    shared: Arc<Shared>,
+    window: i64,
+    retention: i64,
+) {
+    // A short retention is pruned as often as it asks for; an idle sidecar
+    // prunes too (the receive below times out).
     let prune_every = PRUNE_EVERY.min(Duration::from_millis(retention.max(1) as u64));
     let mut last_prune = Instant::now();
-    prune_older(&conn, unix_ms(SystemTime::now()) - retention);
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while batch.len() < BATCH {
-            match rx.try_recv() {
-                Ok(msg) => batch.push(msg),
-                Err(_) => break,
-            }
-        }
-        let mut acks = Vec::new();
-        let result = (|| -> rusqlite::Result<()> {
-            let tx = conn.transaction()?;
-            for msg in batch {
-                match msg {
-                    Msg::Report(report) => store_one(&tx, &report, window)?,
-                    Msg::Flush(ack) => acks.push(ack),
+    prune_older(&conn, unix_ms(SystemTime::now()).saturating_sub(retention));
+    loop {
+        let first = match rx.recv_timeout(prune_every) {
+            Ok(msg) => Some(msg),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        if let Some(first) = first {
+            let mut batch = vec![first];
+            while batch.len() < BATCH {
+                match rx.try_recv() {
+                    Ok(msg) => batch.push(msg),
+                    Err(_) => break,
                 }
+            }
+            write_batch(&mut conn, batch, &shared, window);
+        }
+        if last_prune.elapsed() >= prune_every {
+            prune_older(&conn, unix_ms(SystemTime::now()).saturating_sub(retention));
+            last_prune = Instant::now();
+        }
+    }
+}
+
+/// Commits a batch, retrying while the file is locked (a long `reports
+/// prune`, an outside transaction) instead of losing it; what is finally
+/// lost is counted as dropped. Flushes are acknowledged after.
+fn write_batch(conn: &mut Connection, batch: Vec<Msg>, shared: &Shared, window: i64) {
+    let mut acks = Vec::new();
+    let mut reports = Vec::new();
+    for msg in batch {
+        match msg {
+            Msg::Report(report) => reports.push(report),
+            Msg::Flush(ack) => acks.push(ack),
+        }
+    }
+    let bytes: usize = reports.iter().map(|r| r.body.len()).sum();
+    let mut delay = Duration::from_millis(50);
+    for attempt in 1..=COMMIT_ATTEMPTS {
+        let result = (|| -> rusqlite::Result<()> {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for report in &reports {
+                store_one(&tx, report, window)?;
             }
             tx.commit()
         })();
-        if let Err(e) = result {
-            tracing::error!(error = %e, "cannot store reports");
+        match result {
+            Ok(()) => break,
+            Err(e) if attempt < COMMIT_ATTEMPTS => {
+                tracing::warn!(error = %e, attempt = attempt as u64, "cannot store reports yet; retrying");
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, lost = reports.len() as u64, "cannot store reports: counted as dropped");
+                shared
+                    .dropped
+                    .fetch_add(reports.len() as u64, Ordering::Relaxed);
+            }
         }
-        for ack in acks {
-            let _ = ack.send(());
-        }
-        if last_prune.elapsed() >= prune_every {
-            prune_older(&conn, unix_ms(SystemTime::now()) - retention);
-            last_prune = Instant::now();
-        }
+    }
+    shared.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+    for ack in acks {
+        let _ = ack.send(());
     }
 }
 
@@ -199,7 +272,7 @@ fn store_one(
         "UPDATE reports SET count = count + 1, last_seen = ?1
          WHERE rowid = (SELECT rowid FROM reports WHERE dedup_key = ?2 AND created >= ?3 ORDER BY created DESC LIMIT 1)",
     )?
-    .execute(params![r.created, r.dedup_key, r.created - window])?;
+    .execute(params![r.created, r.dedup_key, r.created.saturating_sub(window)])?;
     if updated == 0 {
         tx.prepare_cached(
             "INSERT INTO reports (id, type, url, body, created, incident, last_seen, count, directive, blocked_url,
