@@ -10,6 +10,15 @@ use std::time::SystemTime;
 use serde::Serialize;
 use tokio::sync::broadcast;
 
+/// Every event type, as hooks name them.
+pub const KINDS: [&str; 5] = [
+    "heartbeat.failed",
+    "heartbeat.passed",
+    "report.received",
+    "upstream.error",
+    "broken_link",
+];
+
 /// How many events a slow subscriber may fall behind before it lags.
 const CAPACITY: usize = 1024;
 
@@ -40,6 +49,11 @@ pub enum EventData {
     },
     /// `report.received`: a browser security report was accepted.
     ReportReceived(Box<crate::reports::ReportFields>),
+    /// `upstream.error`: the app answered 5xx, or the proxy answered 502/504.
+    UpstreamError(Box<UpstreamError>),
+    /// `broken_link`: the app answered 404 to a link from a page (rules in a
+    /// later issue).
+    BrokenLink(Box<BrokenLink>),
     /// `heartbeat.passed`: the heartbeat passes again.
     HeartbeatPassed {
         /// The overall status text (`ok`, `warning`, …).
@@ -47,6 +61,34 @@ pub enum EventData {
         /// The checks that were failing and no longer are.
         recovered: Vec<String>,
     },
+}
+
+/// `upstream.error` data.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct UpstreamError {
+    /// Request method.
+    pub method: String,
+    /// Request path (no query).
+    pub path: String,
+    /// Status sent to the client.
+    pub status: u16,
+    /// The request id.
+    pub request_id: String,
+    /// Why the proxy failed, when it did (502/504).
+    pub cause: Option<String>,
+}
+
+/// `broken_link` data.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct BrokenLink {
+    /// The missing path.
+    pub path: String,
+    /// The page that linked to it.
+    pub referer: String,
+    /// Whether the referer is this site.
+    pub internal: bool,
+    /// The browser.
+    pub user_agent: String,
 }
 
 /// A check's state inside an event.

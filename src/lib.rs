@@ -8,6 +8,7 @@ pub mod checks;
 pub mod config;
 pub mod dockerflow;
 pub mod events;
+pub mod hooks;
 pub mod mozlog;
 pub mod proxy;
 pub mod reports;

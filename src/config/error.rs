@@ -130,63 +130,86 @@ impl ConfigError {
 }
 
 impl ConfigError {
-    pub(super) fn from_checks(
-        problems: Vec<super::heartbeat::CheckProblem>,
-        checks: &[super::CheckConfig],
+    /// Problems of the items of a list of tables (`heartbeat.checks`,
+    /// `hooks`): `list` is its dotted path, `label` what an item is called,
+    /// `names` the items' names, `scalars` the table whose own keys a
+    /// problem with no item index belongs to (`heartbeat`, `delivery`).
+    pub(super) fn from_items(
+        list: &str,
+        label: &str,
+        scalars: &str,
+        names: &[String],
+        problems: Vec<ItemProblem>,
         file: Option<&Path>,
     ) -> Self {
         let text = file.and_then(|p| std::fs::read_to_string(p).ok());
         let doc = text
             .as_deref()
             .and_then(|t| t.parse::<toml_edit::ImDocument<String>>().ok());
-        let from_env = std::env::var_os(format!("{ENV_PREFIX}HEARTBEAT__CHECKS")).is_some();
+        let origin_of = |path: &[String], fallback: Option<&[String]>| {
+            let var = env_name(&path[..path.len().min(fallback.map_or(path.len(), |f| f.len()))]);
+            if std::env::var_os(&var).is_some() {
+                Origin::Env(var)
+            } else if let (Some(file), Some(doc)) = (file, doc.as_ref()) {
+                Origin::File {
+                    path: file.to_owned(),
+                    line: line_of(doc, path).or_else(|| fallback.and_then(|f| line_of(doc, f))),
+                }
+            } else {
+                Origin::Default
+            }
+        };
+        let list_path: Vec<String> = list.split('.').map(str::to_owned).collect();
         let problems = problems
             .into_iter()
-            .map(|p| {
-                let path: Vec<String> = ["heartbeat", "checks", &p.index.to_string(), p.key]
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect();
-                let origin = if from_env {
-                    Origin::Env(format!("{ENV_PREFIX}HEARTBEAT__CHECKS"))
-                } else if let (Some(file), Some(doc)) = (file, doc.as_ref()) {
-                    Origin::File {
-                        path: file.to_owned(),
-                        line: line_of(doc, &path).or_else(|| line_of(doc, &path[..3])),
-                    }
-                } else {
-                    Origin::Default
-                };
-                // A problem of `[heartbeat]` itself rather than of one check.
-                let Some(check) = checks.get(p.index) else {
-                    let path = ["heartbeat".to_owned(), p.key.to_owned()];
-                    let origin = if std::env::var_os(env_name(&path)).is_some() {
-                        Origin::Env(env_name(&path))
-                    } else if let (Some(file), Some(doc)) = (file, doc.as_ref()) {
-                        Origin::File {
-                            path: file.to_owned(),
-                            line: line_of(doc, &path),
+            .map(|p| match names.get(p.index) {
+                Some(name) => {
+                    let mut item: Vec<String> = list_path.clone();
+                    item.push(p.index.to_string());
+                    let mut path = item.clone();
+                    path.push(p.key.to_owned());
+                    // From the environment the whole list is one variable.
+                    let origin = match origin_of(&path, Some(&item)) {
+                        Origin::Default if std::env::var_os(env_name(&list_path)).is_some() => {
+                            Origin::Env(env_name(&list_path))
                         }
-                    } else {
-                        Origin::Default
+                        origin => origin,
                     };
-                    return Problem {
-                        key: format!("heartbeat.{}", p.key),
-                        context: None,
+                    Problem {
+                        key: format!("{list}[{}].{}", p.index, p.key),
+                        context: Some(format!("{label} `{name}`")),
                         origin,
                         reason: p.reason,
-                    };
-                };
-                Problem {
-                    key: format!("heartbeat.checks[{}].{}", p.index, p.key),
-                    context: Some(format!("check `{}`", check.name)),
-                    origin,
-                    reason: p.reason,
+                    }
+                }
+                None => {
+                    let path: Vec<String> = scalars
+                        .split('.')
+                        .chain([p.key])
+                        .map(str::to_owned)
+                        .collect();
+                    Problem {
+                        key: dotted(&path),
+                        context: None,
+                        origin: origin_of(&path, None),
+                        reason: p.reason,
+                    }
                 }
             })
             .collect();
         ConfigError::Invalid(problems)
     }
+}
+
+/// A rule broken by one item of a list of tables (a check, a hook); an
+/// index past the end means the list's parent table itself.
+pub(super) struct ItemProblem {
+    /// Index in the list.
+    pub index: usize,
+    /// The key inside the item.
+    pub key: &'static str,
+    /// What is wrong and what would be valid.
+    pub reason: String,
 }
 
 /// `a.b[0].c` for the path `["a", "b", "0", "c"]`.

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::error::ItemProblem;
 use super::types::{FailedStatus, RequestPath};
 
 /// `/__heartbeat__`.
@@ -279,23 +280,12 @@ impl CheckConfig {
     }
 }
 
-/// A per-kind rule broken by one check: the key (relative to the check) and
-/// what is wrong.
-pub(super) struct CheckProblem {
-    /// Index in `heartbeat.checks`.
-    pub index: usize,
-    /// The key inside the check, such as `url`.
-    pub key: &'static str,
-    /// What is wrong and what would be valid.
-    pub reason: String,
-}
-
 impl HeartbeatConfig {
     /// Checks the per-kind rules and reads `url_file`s into `url`.
-    pub(super) fn validate(&mut self) -> Vec<CheckProblem> {
+    pub(super) fn validate(&mut self) -> Vec<ItemProblem> {
         let mut problems = Vec::new();
         if self.timeout == Duration::ZERO {
-            problems.push(CheckProblem {
+            problems.push(ItemProblem {
                 index: usize::MAX,
                 key: "timeout",
                 reason: "heartbeat.timeout must be longer than 0s".into(),
@@ -304,7 +294,7 @@ impl HeartbeatConfig {
         let mut seen = std::collections::HashSet::new();
         for (index, check) in self.checks.iter_mut().enumerate() {
             let mut problem = |key: &'static str, reason: String| {
-                problems.push(CheckProblem { index, key, reason })
+                problems.push(ItemProblem { index, key, reason })
             };
             if check.name.trim().is_empty() {
                 problem("name", "a check needs a non-empty name".into());

@@ -10,6 +10,7 @@
 
 mod error;
 mod heartbeat;
+mod hooks;
 mod mask;
 mod reports;
 mod types;
@@ -26,6 +27,7 @@ pub use error::ConfigError;
 pub use heartbeat::{
     CheckConfig, CheckKind, CheckLevel, HeartbeatConfig, HeartbeatDetails, StatusSpec, Threshold,
 };
+pub use hooks::{DeliveryConfig, HookConfig, HookMethod};
 pub use mask::{mask_url_password, masked_toml};
 pub use reports::{ReportsConfig, StateConfig};
 pub use types::{ByteSize, FailedStatus, HeaderNameValue, RequestPath, UpstreamUrl};
@@ -57,6 +59,10 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// Browser security report intake.
     pub reports: ReportsConfig,
+    /// Outgoing webhooks.
+    pub hooks: Vec<HookConfig>,
+    /// How the hook outbox delivers.
+    pub delivery: DeliveryConfig,
     /// The local state file.
     pub state: StateConfig,
 }
@@ -169,6 +175,8 @@ impl Default for Config {
             heartbeat: HeartbeatConfig::default(),
             shutdown: ShutdownConfig::default(),
             reports: ReportsConfig::default(),
+            hooks: Vec::new(),
+            delivery: DeliveryConfig::default(),
             state: StateConfig::default(),
         }
     }
@@ -264,9 +272,30 @@ impl Config {
 
         let problems = config.heartbeat.validate();
         if !problems.is_empty() {
-            return Err(ConfigError::from_checks(
+            let names: Vec<String> = config
+                .heartbeat
+                .checks
+                .iter()
+                .map(|c| c.name.clone())
+                .collect();
+            return Err(ConfigError::from_items(
+                "heartbeat.checks",
+                "check",
+                "heartbeat",
+                &names,
                 problems,
-                &config.heartbeat.checks,
+                file.as_deref(),
+            ));
+        }
+        let problems = hooks::validate(&mut config.hooks, &config.delivery, &config.logging.logger);
+        if !problems.is_empty() {
+            let names: Vec<String> = config.hooks.iter().map(|h| h.name.clone()).collect();
+            return Err(ConfigError::from_items(
+                "hooks",
+                "hook",
+                "delivery",
+                &names,
+                problems,
                 file.as_deref(),
             ));
         }

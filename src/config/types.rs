@@ -252,3 +252,8 @@ impl From<ByteSize> for String {
         bytesize::ByteSize(value.0).display().iec().to_string()
     }
 }
+
+/// A duration written like "5s" or "2h", for lists of durations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct HumanDuration(#[serde(with = "humantime_serde")] pub std::time::Duration);

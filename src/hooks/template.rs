@@ -1,0 +1,223 @@
+//! Hook bodies: the default `{"id","type","time","data"}`, or a minijinja
+//! template with `event`, `host` and `service` in scope. When the content
+//! type is JSON, every value printed into the template is JSON-escaped (a
+//! quote or backslash in a value can never break the payload): strings
+//! without their quotes, so `"{{ event.type }}"` works, and objects and
+//! lists as JSON, so `{{ event.data }}` does too.
+
+use minijinja::{Environment, Value};
+
+use crate::config::HookConfig;
+use crate::events::{Event, EventData};
+
+/// How one hook's bodies are made.
+pub struct Template {
+    env: Environment<'static>,
+    source: Option<String>,
+    json: bool,
+    host: String,
+    service: String,
+}
+
+impl Template {
+    /// The template of `hook` (compiled, not yet tried).
+    pub fn new(hook: &HookConfig, service: &str) -> Result<Template, String> {
+        let json = is_json(&hook.content_type);
+        let mut env = Environment::new();
+        if json {
+            env.set_formatter(|out, _state, value| {
+                let text = json_text(value);
+                out.write_str(&text).map_err(minijinja::Error::from)
+            });
+        }
+        if let Some(source) = &hook.template {
+            env.template_from_str(source)
+                .map_err(|e| format!("the template does not compile: {e}"))?;
+        }
+        Ok(Template {
+            env,
+            source: hook.template.clone(),
+            json,
+            host: gethostname::gethostname().to_string_lossy().into_owned(),
+            service: service.to_owned(),
+        })
+    }
+
+    /// The body for `event`.
+    pub fn render(&self, event: &Event) -> Result<String, String> {
+        let Some(source) = &self.source else {
+            return serde_json::to_string(event).map_err(|e| e.to_string());
+        };
+        let context = minijinja::context! {
+            event => Value::from_serialize(event),
+            host => self.host.clone(),
+            service => self.service.clone(),
+        };
+        self.env
+            .render_str(source, context)
+            .map_err(|e| format!("the template failed: {e}"))
+    }
+
+    /// Renders a sample of every event the hook takes, with hostile values,
+    /// and, for JSON, checks that the result parses.
+    pub fn check(&self, hook: &HookConfig) -> Result<(), String> {
+        for kind in &hook.events {
+            let Some(sample) = sample(kind) else { continue };
+            let body = self.render(&sample)?;
+            if self.json {
+                serde_json::from_str::<serde_json::Value>(&body).map_err(|e| {
+                    format!(
+                        "a sample `{kind}` event renders to invalid JSON ({e}): {}",
+                        body.chars().take(200).collect::<String>()
+                    )
+                })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `application/json`, `application/*+json`, with or without parameters.
+fn is_json(content_type: &str) -> bool {
+    let media = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    media == "application/json" || (media.starts_with("application/") && media.ends_with("+json"))
+}
+
+/// A value as it goes into a JSON template.
+fn json_text(value: &Value) -> String {
+    if value.is_undefined() || value.is_none() {
+        return String::new();
+    }
+    if let Some(text) = value.as_str() {
+        let quoted = serde_json::to_string(text).unwrap_or_default();
+        return quoted[1..quoted.len().saturating_sub(1).max(1)].to_owned();
+    }
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+/// A sample event of `kind`, its strings full of characters that break naive
+/// templates.
+fn sample(kind: &str) -> Option<Event> {
+    let hostile = "quote \" backslash \\ newline \n tab \t <b>&amp;</b> {{ not a template }}";
+    let data = match kind {
+        "heartbeat.failed" => {
+            let mut checks = std::collections::BTreeMap::new();
+            checks.insert(
+                "database".to_owned(),
+                crate::events::CheckState {
+                    status: "error",
+                    level: 40,
+                    messages: [("sidecar.E001".to_owned(), hostile.to_owned())]
+                        .into_iter()
+                        .collect(),
+                },
+            );
+            EventData::HeartbeatFailed {
+                status: "error",
+                checks,
+            }
+        }
+        "heartbeat.passed" => EventData::HeartbeatPassed {
+            status: "ok",
+            recovered: vec![hostile.to_owned()],
+        },
+        "report.received" => EventData::ReportReceived(Box::new(crate::reports::ReportFields {
+            id: "00000000-0000-7000-8000-000000000000".into(),
+            kind: "csp-violation".into(),
+            url: Some(hostile.into()),
+            directive: Some("script-src-elem".into()),
+            blocked_url: Some(hostile.into()),
+            disposition: Some("enforce".into()),
+            source_file: None,
+            line: Some(1),
+            column: Some(2),
+            status_code: Some(200),
+            user_agent: Some(hostile.into()),
+            age: 0,
+        })),
+        "upstream.error" => EventData::UpstreamError(Box::new(crate::events::UpstreamError {
+            method: "POST".into(),
+            path: hostile.into(),
+            status: 502,
+            request_id: "rid".into(),
+            cause: Some(hostile.into()),
+        })),
+        "broken_link" => EventData::BrokenLink(Box::new(crate::events::BrokenLink {
+            path: hostile.into(),
+            referer: hostile.into(),
+            internal: true,
+            user_agent: hostile.into(),
+        })),
+        _ => return None,
+    };
+    let kind = crate::events::KINDS.iter().find(|k| **k == kind)?;
+    Some(Event::new(kind, data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hook(template: &str, content_type: &str) -> HookConfig {
+        HookConfig {
+            name: "t".into(),
+            events: vec!["heartbeat.passed".into()],
+            url: "http://x/".into(),
+            method: Default::default(),
+            headers: Default::default(),
+            content_type: content_type.into(),
+            template: Some(template.into()),
+            secret: None,
+            secret_file: None,
+        }
+    }
+
+    #[test]
+    fn json_templates_escape_every_value() {
+        let h = hook(
+            r#"{"text": "{{ event.type }} on {{ host }}: {{ event.data.recovered[0] }}", "data": {{ event.data }}}"#,
+            "application/json",
+        );
+        let template = Template::new(&h, "svc").unwrap();
+        template.check(&h).unwrap();
+        let body = template
+            .render(&sample("heartbeat.passed").unwrap())
+            .unwrap();
+        let parsed: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert!(parsed["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("heartbeat.passed on "));
+        assert!(parsed["text"]
+            .as_str()
+            .unwrap()
+            .contains("quote \" backslash \\ newline \n"));
+        assert_eq!(parsed["data"]["status"], "ok");
+    }
+
+    #[test]
+    fn a_template_that_breaks_json_is_refused() {
+        let h = hook(r#"{"text": {{ event.type }}}"#, "application/json");
+        let err = Template::new(&h, "svc").unwrap().check(&h).unwrap_err();
+        assert!(err.contains("invalid JSON"), "{err}");
+        let h = hook(r#"{"text": "{{ event.type "}"#, "application/json");
+        assert!(Template::new(&h, "svc").is_err());
+    }
+
+    #[test]
+    fn non_json_templates_are_left_alone() {
+        let h = hook("status={{ event.data.status }}", "text/plain");
+        let template = Template::new(&h, "svc").unwrap();
+        assert_eq!(
+            template
+                .render(&sample("heartbeat.passed").unwrap())
+                .unwrap(),
+            "status=ok"
+        );
+    }
+}
