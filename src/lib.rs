@@ -51,6 +51,8 @@ pub struct App {
     pub bus: Bus,
     /// Browser security report intake.
     pub reports: reports::Intake,
+    /// Outgoing webhooks and their outbox.
+    pub hooks: Arc<hooks::Hooks>,
 }
 
 impl App {
@@ -60,15 +62,17 @@ impl App {
     pub fn new(config: Config, logger: Arc<Logger>) -> Result<App, String> {
         let shutdown = Shutdown::default();
         let bus = Bus::default();
-        let proxy = Proxy::new(&config, shutdown.tracker().clone());
+        let proxy = Proxy::new(&config, shutdown.tracker().clone(), bus.clone());
         let heartbeat = Heartbeat::new(
             Registry::from_config(&config)?,
             &config.heartbeat,
             bus.clone(),
         );
         let reports = reports::Intake::new(&config, bus.clone(), logger.clone())?;
+        let hooks = Arc::new(hooks::Hooks::new(&config)?);
         Ok(App {
             reports,
+            hooks,
             rid_header: config.logging.request_id_header.name.clone(),
             config,
             logger,
@@ -110,6 +114,7 @@ pub async fn serve(
         version = env!("CARGO_PKG_VERSION"),
         "listening"
     );
+    app.hooks.start(&app.bus);
     server::serve(app.clone(), listener, signal).await;
     // Every accepted report is stored before the process exits.
     let flushing = app.clone();

@@ -38,6 +38,56 @@ enum Command {
         #[command(subcommand)]
         command: ReportsCommand,
     },
+    /// List, replay, monitor and prune hook deliveries (the outbox).
+    Hooks {
+        #[command(subcommand)]
+        command: HooksCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum HooksCommand {
+    /// List deliveries, newest first.
+    List {
+        /// waiting, sending, sent or error.
+        #[arg(long)]
+        status: Option<String>,
+        /// Only this hook's.
+        #[arg(long)]
+        hook: Option<String>,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deliver now: the given ids, or every waiting and error row (of one
+    /// hook); error rows are replayed.
+    Send {
+        /// Only this hook's rows.
+        #[arg(long)]
+        hook: Option<String>,
+        /// These rows (webhook ids).
+        #[arg(long = "id", value_name = "ID")]
+        ids: Vec<String>,
+    },
+    /// Count rows in a status; exit 1 when more than --limit (for cron or CI).
+    Monitor {
+        /// error or waiting.
+        #[arg(long)]
+        status: String,
+        /// The most rows that are fine.
+        #[arg(long, default_value_t = 0)]
+        limit: i64,
+        /// Only rows created at least this many minutes ago (a waiting row
+        /// that old is stuck).
+        #[arg(long, default_value_t = 0)]
+        minutes_ago: u64,
+    },
+    /// Delete rows created longer ago than this (sent and error alike).
+    Prune {
+        /// e.g. 30d.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: Duration,
+    },
 }
 
 #[derive(Subcommand)]
@@ -96,6 +146,7 @@ fn main() -> ExitCode {
         }
         Command::Serve => serve(config),
         Command::Reports { command } => reports(&config, command),
+        Command::Hooks { command } => hooks(&config, command),
     }
 }
 
@@ -280,6 +331,140 @@ impl Signals {
         tokio::select! {
             _ = self.term.recv() => "SIGTERM",
             _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+/// `hooks list|send|monitor|prune`, on the outbox in the state file.
+fn hooks(config: &Config, command: HooksCommand) -> ExitCode {
+    use dockerflow_sidecar::hooks::outbox;
+    let fail = |e: String| {
+        eprintln!("dockerflow-sidecar: {e}");
+        ExitCode::FAILURE
+    };
+    let read_only = matches!(
+        command,
+        HooksCommand::List { .. } | HooksCommand::Monitor { .. }
+    );
+    let conn = match dockerflow_sidecar::store::open_existing(&config.state.path, read_only) {
+        Ok(conn) => conn,
+        Err(e) => return fail(e),
+    };
+    let now = dockerflow_sidecar::reports::store::unix_ms(std::time::SystemTime::now());
+    match command {
+        HooksCommand::List { status, hook, json } => {
+            match outbox::list(&conn, status.as_deref(), hook.as_deref()) {
+                Ok(rows) => {
+                    if json {
+                        for row in &rows {
+                            println!("{}", serde_json::to_string(row).unwrap_or_default());
+                        }
+                    } else {
+                        println!(
+                            "{:<24}  {:<7}  {:>8}  {:<16}  {:<18}  {:<36}  LAST",
+                            "CREATED", "STATUS", "ATTEMPTS", "HOOK", "EVENT", "ID"
+                        );
+                        for r in &rows {
+                            let last = match (&r.last_status, &r.last_error) {
+                                (_, Some(e)) => e.clone(),
+                                (Some(s), None) => s.to_string(),
+                                (None, None) => "-".into(),
+                            };
+                            println!(
+                                "{:<24}  {:<7}  {:>8}  {:<16}  {:<18}  {:<36}  {last}",
+                                when(r.created),
+                                r.status,
+                                r.attempts,
+                                r.hook,
+                                r.event_type,
+                                r.id
+                            );
+                        }
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e.to_string()),
+            }
+        }
+        HooksCommand::Monitor {
+            status,
+            limit,
+            minutes_ago,
+        } => {
+            let before = now.saturating_sub(
+                i64::try_from(minutes_ago.saturating_mul(60_000)).unwrap_or(i64::MAX),
+            );
+            match outbox::count(&conn, &status, before) {
+                Ok(count) => {
+                    println!("{count} {status} hook deliveries (limit {limit})");
+                    if count > limit {
+                        ExitCode::from(1)
+                    } else {
+                        ExitCode::SUCCESS
+                    }
+                }
+                Err(e) => fail(e.to_string()),
+            }
+        }
+        HooksCommand::Prune { older_than } => {
+            let before = now.saturating_sub(dockerflow_sidecar::reports::store::millis(older_than));
+            match outbox::prune(&conn, before) {
+                Ok(n) => {
+                    println!("deleted {n} hook deliveries");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(e.to_string()),
+            }
+        }
+        HooksCommand::Send { hook, ids } => {
+            let ids = if ids.is_empty() {
+                match outbox::list(&conn, None, hook.as_deref()) {
+                    Ok(rows) => rows
+                        .into_iter()
+                        .filter(|r| r.status == "waiting" || r.status == "error")
+                        .map(|r| r.id)
+                        .collect(),
+                    Err(e) => return fail(e.to_string()),
+                }
+            } else {
+                ids
+            };
+            drop(conn);
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(runtime) => runtime,
+                Err(e) => return fail(e.to_string()),
+            };
+            let sent = runtime.block_on(async {
+                let hooks = dockerflow_sidecar::hooks::Hooks::new(config)?;
+                hooks.send_now(ids).await
+            });
+            match sent {
+                Ok(done) => {
+                    let mut failed = 0;
+                    for (row, outcome) in &done {
+                        if outcome.status != "sent" {
+                            failed += 1;
+                        }
+                        println!(
+                            "{}  {}  {}  {}",
+                            row.id,
+                            row.hook,
+                            outcome.status,
+                            outcome.last_error.as_deref().unwrap_or("")
+                        );
+                    }
+                    println!("{} sent, {failed} not", done.len() - failed);
+                    if failed > 0 {
+                        ExitCode::from(1)
+                    } else {
+                        ExitCode::SUCCESS
+                    }
+                }
+                Err(e) => fail(e),
+            }
         }
     }
 }

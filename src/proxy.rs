@@ -32,7 +32,13 @@ pub struct Proxy {
     response_header_timeout: Duration,
     /// Where WebSocket and other upgraded tunnels are tracked for shutdown.
     tunnels: TaskTracker,
+    /// Where `upstream.error` is published.
+    bus: crate::events::Bus,
 }
+
+/// Marks a response the proxy made itself because forwarding failed.
+#[derive(Clone)]
+struct ProxyFailure(String);
 
 /// Report copies passed on to the app at once, at most (each holds its body).
 const COPIES_IN_FLIGHT: usize = 64;
@@ -50,7 +56,7 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 
 impl Proxy {
     /// A proxy for `config.upstream`, tracking tunnels in `tunnels`.
-    pub fn new(config: &Config, tunnels: TaskTracker) -> Proxy {
+    pub fn new(config: &Config, tunnels: TaskTracker, bus: crate::events::Bus) -> Proxy {
         Proxy {
             client: upstream::client(&config.upstream),
             copies: upstream::client(&config.upstream),
@@ -59,6 +65,7 @@ impl Proxy {
             rid_header: config.logging.request_id_header.name.clone(),
             response_header_timeout: config.upstream.response_header_timeout,
             tunnels,
+            bus,
         }
     }
 
@@ -66,6 +73,33 @@ impl Proxy {
     /// with `summary` attached so the line is written when the response or
     /// the tunnel ends.
     pub async fn forward(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        rid: HeaderValue,
+        summary: RequestSummary,
+    ) -> Response<ResponseBody> {
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        let resp = self.forward_inner(req, peer, rid.clone(), summary).await;
+        let status = resp.status();
+        if status.is_server_error() {
+            let cause = resp.extensions().get::<ProxyFailure>().map(|f| f.0.clone());
+            self.bus.publish(crate::events::Event::new(
+                "upstream.error",
+                crate::events::EventData::UpstreamError(Box::new(crate::events::UpstreamError {
+                    method: method.to_string(),
+                    path,
+                    status: status.as_u16(),
+                    request_id: String::from_utf8_lossy(rid.as_bytes()).into_owned(),
+                    cause,
+                })),
+            ));
+        }
+        resp
+    }
+
+    async fn forward_inner(
         &self,
         mut req: Request<Incoming>,
         peer: SocketAddr,
@@ -243,6 +277,7 @@ impl Proxy {
         summary: RequestSummary,
     ) -> Response<ResponseBody> {
         let mut resp = crate::dockerflow::text(status, text);
+        resp.extensions_mut().insert(ProxyFailure(text.to_owned()));
         resp.headers_mut().insert(self.rid_header.clone(), rid);
         resp.map(|b| b.with_summary(summary))
     }

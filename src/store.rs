@@ -9,7 +9,8 @@ use std::time::Duration;
 use rusqlite::Connection;
 
 /// Schema steps, applied in order; `user_version` counts those applied.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE reports (
         id           TEXT PRIMARY KEY,
         type         TEXT NOT NULL,
@@ -31,7 +32,25 @@ const MIGRATIONS: &[&str] = &["
     );
     CREATE INDEX reports_dedup ON reports (dedup_key, created);
     CREATE INDEX reports_created ON reports (created);
-"];
+",
+    "
+    CREATE TABLE hook_outbox (
+        id            TEXT PRIMARY KEY,   -- the webhook-id, stable across retries
+        hook          TEXT NOT NULL,
+        event_type    TEXT NOT NULL,
+        body          TEXT NOT NULL,
+        status        TEXT NOT NULL,      -- waiting | sending | sent | error
+        attempts      INTEGER NOT NULL DEFAULT 0,
+        next_attempt  INTEGER NOT NULL,   -- unix ms
+        last_status   INTEGER,
+        last_error    TEXT,
+        created       INTEGER NOT NULL,   -- unix ms
+        updated       INTEGER NOT NULL    -- unix ms
+    );
+    CREATE INDEX hook_outbox_due ON hook_outbox (status, next_attempt);
+    CREATE INDEX hook_outbox_created ON hook_outbox (created);
+",
+];
 
 /// Opens (creating if needed) the state file and brings its schema up to date.
 pub fn open(path: &Path) -> Result<Connection, String> {

@@ -2,6 +2,7 @@
 //! binary in front of it, and clients (hyper, raw TCP).
 #![allow(dead_code)]
 
+pub mod receiver;
 pub mod upstream;
 
 use std::io::{BufRead, BufReader, Read, Write};

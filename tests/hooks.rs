@@ -1,0 +1,418 @@
+//! Hooks: events become signed, retried webhooks to a real receiver, through
+//! the durable outbox.
+
+mod common;
+
+use std::time::Duration;
+
+use base64::Engine;
+use common::receiver::Receiver;
+use common::{get, request, Sidecar, SidecarBuilder, Upstream};
+use hmac::Mac;
+use serde_json::Value;
+
+const SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+
+fn hook(name: &str, events: &str, url: &str, extra: &str) -> String {
+    format!("[[hooks]]\nname = \"{name}\"\nevents = [{events}]\nurl = \"{url}\"\n{extra}\n")
+}
+
+/// A sidecar with these hooks and a fast retry schedule.
+fn sidecar(app: &Upstream, hooks: &[String], delivery: &str) -> Sidecar {
+    let toml = format!(
+        "[heartbeat]\ncache_ttl = \"0s\"\n[[heartbeat.checks]]\nname = \"app\"\nkind = \"upstream\"\npath = \"/health\"\n\n\
+         [delivery]\nretry_schedule = [\"100ms\", \"100ms\", \"100ms\"]\n{delivery}\n\n{}",
+        hooks.concat()
+    );
+    SidecarBuilder::new(&app.url()).toml(&toml).start()
+}
+
+/// The outbox rows, through the CLI.
+fn rows(sidecar: &Sidecar) -> Vec<Value> {
+    let out = sidecar.cli(&["hooks", "list", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Waits until the row of `hook` has `status`.
+fn row_with(sidecar: &Sidecar, hook: &str, status: &str) -> Value {
+    let end = std::time::Instant::now() + common::DEADLINE;
+    loop {
+        if let Some(row) = rows(sidecar)
+            .into_iter()
+            .find(|r| r["hook"] == hook && r["status"] == status)
+        {
+            return row;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "no {status} row for {hook}: {:?}",
+            rows(sidecar)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+async fn fail_heartbeat(app: &Upstream, sidecar: &Sidecar) {
+    app.set_health(503);
+    assert_eq!(get(&sidecar.url("/__heartbeat__"), &[]).await.status, 500);
+}
+
+#[tokio::test]
+async fn heartbeat_failed_is_delivered_signed_with_its_headers() {
+    let app = Upstream::start();
+    let receiver = Receiver::start();
+    let sidecar = sidecar(
+        &app,
+        &[hook(
+            "ops",
+            "\"heartbeat.failed\", \"heartbeat.passed\"",
+            &receiver.url("/ok"),
+            &format!("secret = \"{SECRET}\"\nheaders = {{ \"X-Api-Key\" = \"key:with:colons\", \"Authorization\" = \"Bearer a:b\" }}"),
+        )],
+        "",
+    );
+    fail_heartbeat(&app, &sidecar).await;
+    let got = receiver.wait_for("/ok", 1).remove(0);
+    assert_eq!(got.method, "POST");
+    assert_eq!(got.headers["x-api-key"], "key:with:colons");
+    assert_eq!(got.headers["authorization"], "Bearer a:b");
+    assert_eq!(got.headers["content-type"], "application/json");
+    let body: Value = serde_json::from_str(&got.body).unwrap();
+    assert_eq!(body["type"], "heartbeat.failed");
+    assert_eq!(body["data"]["checks"]["app"]["level"], 40);
+
+    // Verify the signature independently of the sidecar's code.
+    let id = got.headers["webhook-id"].to_str().unwrap();
+    let timestamp = got.headers["webhook-timestamp"].to_str().unwrap();
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(SECRET.trim_start_matches("whsec_"))
+        .unwrap();
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+    mac.update(format!("{id}.{timestamp}.{}", got.body).as_bytes());
+    let expected = format!(
+        "v1,{}",
+        base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+    );
+    assert_eq!(got.headers["webhook-signature"], expected.as_str());
+    assert!(id.starts_with("msg_"));
+
+    let row = row_with(&sidecar, "ops", "sent");
+    assert_eq!(row["id"], id);
+    assert_eq!(row["attempts"], 1);
+    assert_eq!(row["last_status"], 200);
+
+    app.set_health(200);
+    assert_eq!(get(&sidecar.url("/__heartbeat__"), &[]).await.status, 200);
+    let passed: Value = serde_json::from_str(&receiver.wait_for("/ok", 2)[1].body).unwrap();
+    assert_eq!(passed["type"], "heartbeat.passed");
+    assert_eq!(passed["data"]["recovered"], serde_json::json!(["app"]));
+}
+
+#[tokio::test]
+async fn template_values_are_json_escaped() {
+    let app = Upstream::start();
+    let receiver = Receiver::start();
+    let template = r#"template = '{"text": "{{ event.type }} from {{ event.data.user_agent }} on {{ service }}", "data": {{ event.data }}}'"#;
+    let sidecar = sidecar(
+        &app,
+        &[hook(
+            "chat",
+            "\"report.received\"",
+            &receiver.url("/ok"),
+            template,
+        )],
+        "",
+    );
+    let hostile = r#"evil "quote" \ backslash }}"#;
+    let report = r#"{"csp-report": {"document-uri": "https://a.example/", "violated-directive": "img-src"}}"#;
+    let reply = request(
+        "POST",
+        &sidecar.url("/__cspreport__"),
+        &[
+            ("content-type", "application/csp-report"),
+            ("user-agent", hostile),
+        ],
+        report,
+    )
+    .await;
+    assert_eq!(reply.status, 204);
+    let got = receiver.wait_for("/ok", 1).remove(0);
+    let body: Value =
+        serde_json::from_str(&got.body).unwrap_or_else(|e| panic!("{e}: {}", got.body));
+    assert_eq!(
+        body["text"],
+        format!("report.received from {hostile} on dockerflow-sidecar")
+    );
+    assert_eq!(body["data"]["user_agent"], hostile);
+    assert_eq!(body["data"]["directive"], "img-src");
+}
+
+#[tokio::test]
+async fn failures_are_retried_until_the_receiver_accepts() {
+    let app = Upstream::start();
+    let receiver = Receiver::start();
+    let sidecar = sidecar(
+        &app,
+        &[hook(
+            "flaky",
+            "\"heartbeat.failed\"",
+            &receiver.url("/fail/2"),
+            "",
+        )],
+        "",
+    );
+    fail_heartbeat(&app, &sidecar).await;
+    let got = receiver.wait_for("/fail/2", 3);
+    let ids: Vec<&str> = got
+        .iter()
+        .map(|r| {
+            r.headers
+                .get("webhook-id")
+                .map_or("", |v| v.to_str().unwrap())
+        })
+        .collect();
+    assert_eq!(got[0].body, got[2].body, "the same delivery each time");
+    assert!(ids.iter().all(|id| *id == ids[0]));
+    let row = row_with(&sidecar, "flaky", "sent");
+    assert_eq!(row["attempts"], 3);
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured() {
+    let app = Upstream::start();
+    let receiver = Receiver::start();
+    let sidecar = sidecar(
+        &app,
+        &[hook(
+            "polite",
+            "\"heartbeat.failed\"",
+            &receiver.url("/retry-after"),
+            "",
+        )],
+        "",
+    );
+    fail_heartbeat(&app, &sidecar).await;
+    let got = receiver.wait_for("/retry-after", 2);
+    let waited = got[1].at - got[0].at;
+    assert!(
+        waited >= Duration::from_millis(900),
+        "retried after {waited:?}; Retry-After said 1s"
+    );
+    row_with(&sidecar, "polite", "sent");
+}
+
+#[tokio::test]
+async fn gone_stops_retries_and_redirects_are_not_followed() {
+    let app = Upstream::start();
+    let receiver = Receiver::start();
+    let sidecar = sidecar(
+        &app,
+        &[
+            hook("gone", "\"heartbeat.failed\"", &receiver.url("/gone"), ""),
+            hook(
+                "moved",
+                "\"heartbeat.failed\"",
+                &receiver.url("/redirect"),
+                "",
+            ),
+        ],
+        "",
+    );
+    fail_heartbeat(&app, &sidecar).await;
+    let gone = row_with(&sidecar, "gone", "error");
+    assert_eq!(gone["attempts"], 1);
+    assert!(gone["last_error"].as_str().unwrap().contains("gone"));
+    let moved = row_with(&sidecar, "moved", "error");
+    assert_eq!(moved["last_status"], 302);
+    assert_eq!(moved["attempts"], 4, "the first attempt and 3 retries");
+    assert_eq!(
+        receiver.all().iter().filter(|r| r.path == "/gone").count(),
+        1
+    );
+    assert!(
+        receiver.all().iter().all(|r| r.path != "/ok"),
+        "the redirect was not followed"
+    );
+}
+
+#[tokio::test]
+async fn a_receiver_that_never_answers_times_out() {
+    let app = Upstream::start();
+    let receiver = Receiver::start();
+    let sidecar = sidecar(
+        &app,
+        &[hook(
+            "slow",
+            "\"heartbeat.failed\"",
+            &receiver.url("/slow"),
+            "",
+        )],
+        "timeout = \"300ms\"",
+    );
+    fail_heartbeat(&app, &sidecar).await;
+    let row = row_with(&sidecar, "slow", "error");
+    assert_eq!(row["attempts"], 4);
+    assert!(
+        row["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("no answer within 300ms"),
+        "{row}"
+    );
+}
+
+#[tokio::test]
+async fn app_5xx_and_proxy_502_are_upstream_error_events() {
+    let app = Upstream::start();
+    let receiver = Receiver::start();
+    let sidecar = sidecar(
+        &app,
+        &[hook(
+            "errors",
+            "\"upstream.error\"",
+            &receiver.url("/ok"),
+            "",
+        )],
+        "",
+    );
+    assert_eq!(
+        get(
+            &sidecar.url("/status/503?secret=1"),
+            &[("x-request-id", "e-1")]
+        )
+        .await
+        .status,
+        503
+    );
+    let got = receiver.wait_for("/ok", 1);
+    let body: Value = serde_json::from_str(&got[0].body).unwrap();
+    assert_eq!(body["type"], "upstream.error");
+    assert_eq!(body["data"]["status"], 503);
+    assert_eq!(body["data"]["path"], "/status/503");
+    assert_eq!(body["data"]["request_id"], "e-1");
+    assert!(!got[0].body.contains("secret=1"));
+}
+
+#[tokio::test]
+async fn cli_lists_monitors_replays_and_prunes() {
+    let app = Upstream::start();
+    let receiver = Receiver::start();
+    let sidecar = sidecar(
+        &app,
+        &[hook(
+            "gone",
+            "\"heartbeat.failed\"",
+            &receiver.url("/gone"),
+            "",
+        )],
+        "",
+    );
+    fail_heartbeat(&app, &sidecar).await;
+    let row = row_with(&sidecar, "gone", "error");
+
+    let monitor = sidecar.cli(&["hooks", "monitor", "--status", "error", "--limit", "0"]);
+    assert_eq!(monitor.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&monitor.stdout).trim(),
+        "1 error hook deliveries (limit 0)"
+    );
+    let monitor = sidecar.cli(&["hooks", "monitor", "--status", "error", "--limit", "1"]);
+    assert_eq!(monitor.status.code(), Some(0));
+    let monitor = sidecar.cli(&[
+        "hooks",
+        "monitor",
+        "--status",
+        "error",
+        "--limit",
+        "0",
+        "--minutes-ago",
+        "60",
+    ]);
+    assert_eq!(
+        monitor.status.code(),
+        Some(0),
+        "the error is younger than an hour"
+    );
+
+    // Replay: the CLI delivers the error row again, with the same id.
+    let send = sidecar.cli(&["hooks", "send", "--id", row["id"].as_str().unwrap()]);
+    assert_eq!(
+        send.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&send.stdout)
+    );
+    let got = receiver.wait_for("/gone", 2);
+    assert_eq!(got[1].headers["webhook-id"], got[0].headers["webhook-id"]);
+    let replayed = row_with(&sidecar, "gone", "error");
+    assert_eq!(replayed["attempts"], 2);
+
+    let prune = sidecar.cli(&["hooks", "prune", "--older-than", "1h"]);
+    assert_eq!(
+        String::from_utf8_lossy(&prune.stdout).trim(),
+        "deleted 0 hook deliveries"
+    );
+    std::thread::sleep(Duration::from_millis(5));
+    let prune = sidecar.cli(&["hooks", "prune", "--older-than", "1ms"]);
+    assert_eq!(
+        String::from_utf8_lossy(&prune.stdout).trim(),
+        "deleted 1 hook deliveries"
+    );
+    assert!(rows(&sidecar).is_empty());
+}
+
+#[test]
+fn invalid_hooks_fail_check_config_naming_the_hook_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            hook("a", "\"heartbeat.exploded\"", "http://x/", ""),
+            "`hooks[0].events` (hook `a`",
+        ),
+        (
+            hook("b", "\"heartbeat.failed\"", "ftp://x/", ""),
+            "`hooks[0].url` (hook `b`",
+        ),
+        (
+            hook(
+                "c",
+                "\"heartbeat.failed\"",
+                "http://x/",
+                "template = '{\"t\": {{ event.type }}}'",
+            ),
+            "`hooks[0].template` (hook `c`",
+        ),
+        (
+            hook(
+                "d",
+                "\"heartbeat.failed\"",
+                "http://x/",
+                "secret = \"not-base64!\"",
+            ),
+            "`hooks[0].secret` (hook `d`",
+        ),
+    ];
+    for (i, (toml, key)) in cases.iter().enumerate() {
+        let file = dir.path().join(format!("h{i}.toml"));
+        std::fs::write(&file, toml).unwrap();
+        let out = std::process::Command::new(common::binary())
+            .args(["check-config", "--config", file.to_str().unwrap()])
+            .env_remove("DOCKERFLOW_CONFIG")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{toml}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(key) && err.contains(&file.display().to_string()),
+            "{toml}\n→ {err}"
+        );
+    }
+}
