@@ -96,13 +96,18 @@ async fn chromium_csp_reports_are_stored_and_logged() {
         ]
     );
 
-    // The browser's report requests were answered 204.
-    let summaries = sidecar.summaries();
-    let report_posts: Vec<&Value> = summaries
+    // The browser's report requests were answered 204 (their summary lines
+    // are written when each answer has been sent: wait for them).
+    let lines = sidecar
+        .stdout
+        .wait_for_count("four report requests", 4, |l| {
+            l.contains("\"Type\":\"request.summary\"") && l.contains("\"path\":\"/__cspreport__\"")
+        });
+    let summaries: Vec<Value> = lines
         .iter()
-        .filter(|s| s["Fields"]["path"] == "/__cspreport__")
+        .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert!(report_posts.len() >= 4);
+    let report_posts: Vec<&Value> = summaries.iter().collect();
     assert!(report_posts
         .iter()
         .all(|s| s["Fields"]["code"] == 204 && s["Fields"]["method"] == "POST"));
