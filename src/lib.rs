@@ -91,11 +91,50 @@ pub async fn run(
     logger: Arc<Logger>,
     signal: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
+    run_with_reload(config, logger, signal, None).await
+}
+
+/// Reads the configuration again (on SIGHUP).
+pub type Reload = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
+
+/// [`run`], and on SIGHUP `reload` the configuration and apply its hooks
+/// without a restart (other settings need one). A configuration that does
+/// not load is logged and the running one kept.
+pub async fn run_with_reload(
+    config: Config,
+    logger: Arc<Logger>,
+    signal: impl Future<Output = ()>,
+    reload: Option<Reload>,
+) -> std::io::Result<()> {
+    // Installed before listening: SIGHUP's default action would end the process.
+    let hangups = match reload {
+        Some(reload) => Some((
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?,
+            reload,
+        )),
+        None => None,
+    };
     let listener = TcpListener::bind(config.listen).await.map_err(|e| {
         std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.listen))
     })?;
-    let app = App::new(config, logger).map_err(std::io::Error::other)?;
-    serve(Arc::new(app), listener, signal).await
+    let app = Arc::new(App::new(config, logger).map_err(std::io::Error::other)?);
+    if let Some((mut hangups, reload)) = hangups {
+        let app = app.clone();
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                match reload().and_then(|config| app.hooks.reload(&config)) {
+                    Ok(hooks) => tracing::info!(
+                        hooks = hooks as u64,
+                        "configuration reloaded: hooks applied"
+                    ),
+                    Err(e) => {
+                        tracing::error!(error = %e, "configuration not reloaded; the running one is kept")
+                    }
+                }
+            }
+        });
+    }
+    serve(app, listener, signal).await
 }
 
 /// Logs `listening` with the bound address and serves `listener` until

@@ -144,7 +144,7 @@ fn main() -> ExitCode {
             print!("{}", masked_toml(&config));
             ExitCode::SUCCESS
         }
-        Command::Serve => serve(config),
+        Command::Serve => serve(config, overrides),
         Command::Reports { command } => reports(&config, command),
         Command::Hooks { command } => hooks(&config, command),
     }
@@ -235,7 +235,7 @@ fn when(ms: i64) -> String {
     humantime::format_rfc3339_millis(time).to_string()
 }
 
-fn serve(config: Config) -> ExitCode {
+fn serve(config: Config, overrides: Overrides) -> ExitCode {
     let sink = match Sink::new(Box::new(std::io::stdout())) {
         Ok(sink) => sink,
         Err(e) => {
@@ -290,9 +290,16 @@ fn serve(config: Config) -> ExitCode {
             signal_logger.flush();
             std::process::exit(1);
         });
-        dockerflow_sidecar::run(config, run_logger, async {
-            let _ = first_rx.await;
-        })
+        let reload: dockerflow_sidecar::Reload =
+            Box::new(move || Config::load(&overrides).map_err(|e| e.to_string()));
+        dockerflow_sidecar::run_with_reload(
+            config,
+            run_logger,
+            async {
+                let _ = first_rx.await;
+            },
+            Some(reload),
+        )
         .await
     });
     let code = match result {

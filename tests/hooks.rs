@@ -416,3 +416,136 @@ fn invalid_hooks_fail_check_config_naming_the_hook_and_key() {
         );
     }
 }
+
+#[tokio::test]
+async fn sighup_applies_new_hooks_without_dropping_a_request() {
+    let app = Upstream::start();
+    let receiver = Receiver::start();
+    let sidecar = sidecar(
+        &app,
+        &[hook(
+            "first",
+            "\"heartbeat.failed\"",
+            &receiver.url("/first"),
+            "",
+        )],
+        "",
+    );
+    let config = sidecar.workdir.join("sidecar.toml");
+    let original = std::fs::read_to_string(&config).unwrap();
+
+    // A broken file is refused and the running hooks stay.
+    std::fs::write(&config, format!("{original}\n[[hooks]]\nname = \"bad\"\n")).unwrap();
+    sidecar.signal(libc::SIGHUP);
+    sidecar
+        .stdout
+        .wait_for("the refusal", |l| l.contains("configuration not reloaded"));
+
+    std::fs::write(
+        &config,
+        format!(
+            "{original}\n{}",
+            hook(
+                "second",
+                "\"heartbeat.failed\"",
+                &receiver.url("/second"),
+                ""
+            )
+        ),
+    )
+    .unwrap();
+    let traffic = {
+        let url = sidecar.url("/");
+        tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            for _ in 0..50 {
+                statuses.push(get(&url, &[]).await.status);
+            }
+            statuses
+        })
+    };
+    sidecar.signal(libc::SIGHUP);
+    let line = sidecar
+        .stdout
+        .wait_for("the reload", |l| l.contains("configuration reloaded"));
+    assert!(line.contains("\"hooks\":2"), "{line}");
+    assert!(
+        traffic.await.unwrap().iter().all(|s| *s == 200),
+        "no request failed during the reload"
+    );
+    assert_eq!(sidecar.pid(), sidecar.pid());
+
+    fail_heartbeat(&app, &sidecar).await;
+    receiver.wait_for("/first", 1);
+    receiver.wait_for("/second", 1);
+}
+
+#[tokio::test]
+async fn kill_9_during_deliveries_loses_nothing() {
+    let app = Upstream::start();
+    let receiver = Receiver::start();
+    let workdir = tempfile::tempdir().unwrap();
+    let start = |path: &str| {
+        SidecarBuilder::new(&app.url())
+            .workdir(workdir.path())
+            .toml(&format!(
+                "[delivery]\nconcurrency = 4\ntimeout = \"60s\"\n\n{}",
+                hook("sink", "\"report.received\"", &receiver.url(path), "")
+            ))
+            .start()
+    };
+    let mut sidecar = start("/slow");
+    const N: usize = 20;
+    for i in 0..N {
+        let report = format!(
+            r#"{{"csp-report": {{"document-uri": "https://a.example/{i}", "violated-directive": "img-src"}}}}"#
+        );
+        let reply = request(
+            "POST",
+            &sidecar.url("/__cspreport__"),
+            &[("content-type", "application/csp-report")],
+            report,
+        )
+        .await;
+        assert_eq!(reply.status, 204);
+    }
+    // Every event is a row (an event is durable once its row is committed,
+    // a few milliseconds after it happens), and deliveries are in flight
+    // (the receiver holds them): kill -9 now.
+    let end = std::time::Instant::now() + common::DEADLINE;
+    while rows(&sidecar).len() < N {
+        assert!(
+            std::time::Instant::now() < end,
+            "{} of {N} rows",
+            rows(&sidecar).len()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    receiver.wait_for("/slow", 4);
+    sidecar.signal(libc::SIGKILL);
+    sidecar.wait_exit();
+
+    // Restart on the same state file, the hook now pointing at a receiver that answers.
+    let sidecar = start("/ok");
+    let got = receiver.wait_for("/ok", N);
+    let mut ids: Vec<String> = got
+        .iter()
+        .map(|r| r.headers["webhook-id"].to_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), N, "every event delivered at least once");
+    let slow_ids: Vec<String> = receiver
+        .all()
+        .iter()
+        .filter(|r| r.path == "/slow")
+        .map(|r| r.headers["webhook-id"].to_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        slow_ids.iter().all(|id| ids.contains(id)),
+        "an interrupted delivery went out again with its id"
+    );
+    sidecar
+        .stdout
+        .wait_for("the recovery line", |l| l.contains("go out again"));
+}

@@ -103,7 +103,8 @@ pub struct Sidecar {
     /// Its stderr, line by line.
     pub stderr: Arc<Lines>,
     /// Its working directory (config file `sidecar.toml`, state file).
-    pub dir: tempfile::TempDir,
+    pub workdir: PathBuf,
+    _temp: Option<tempfile::TempDir>,
 }
 
 /// How to start a sidecar.
@@ -113,6 +114,7 @@ pub struct SidecarBuilder {
     args: Vec<String>,
     files: Vec<(String, String)>,
     shutdown: (String, String),
+    workdir: Option<PathBuf>,
 }
 
 /// The binary under test.
@@ -130,6 +132,7 @@ impl SidecarBuilder {
             args: Vec::new(),
             files: Vec::new(),
             shutdown: ("50ms".into(), "5s".into()),
+            workdir: None,
         }
     }
 
@@ -153,6 +156,13 @@ impl SidecarBuilder {
         self
     }
 
+    /// Runs in `dir` (kept after the sidecar stops, so another can start on
+    /// the same state file) instead of a fresh temporary directory.
+    pub fn workdir(mut self, dir: &std::path::Path) -> Self {
+        self.workdir = Some(dir.to_owned());
+        self
+    }
+
     /// Sets `shutdown.drain` and `shutdown.grace` (default 50ms and 5s).
     pub fn shutdown(mut self, drain: &str, grace: &str) -> Self {
         self.shutdown = (drain.into(), grace.into());
@@ -167,8 +177,15 @@ impl SidecarBuilder {
 
     /// Starts it and waits for its `listening` line.
     pub fn start(self) -> Sidecar {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("sidecar.toml");
+        let (temp, workdir) = match &self.workdir {
+            Some(dir) => (None, dir.clone()),
+            None => {
+                let temp = tempfile::tempdir().unwrap();
+                let path = temp.path().to_owned();
+                (Some(temp), path)
+            }
+        };
+        let config = workdir.join("sidecar.toml");
         let (drain, grace) = &self.shutdown;
         let toml = format!(
             "{}[shutdown]\ndrain = \"{drain}\"\ngrace = \"{grace}\"\n",
@@ -176,13 +193,13 @@ impl SidecarBuilder {
         );
         std::fs::write(&config, toml).unwrap();
         for (name, contents) in &self.files {
-            std::fs::write(dir.path().join(name), contents).unwrap();
+            std::fs::write(workdir.join(name), contents).unwrap();
         }
         let mut cmd = Command::new(binary());
         cmd.arg("--config")
             .arg(&config)
             .args(&self.args)
-            .current_dir(dir.path())
+            .current_dir(&workdir)
             .env_remove("PORT")
             .env_remove("DOCKERFLOW_CONFIG")
             .stdin(Stdio::null())
@@ -215,7 +232,8 @@ impl SidecarBuilder {
             addr,
             stdout,
             stderr,
-            dir,
+            workdir,
+            _temp: temp,
         }
     }
 }
@@ -289,8 +307,8 @@ impl Sidecar {
         Command::new(binary())
             .args(args)
             .arg("--config")
-            .arg(self.dir.path().join("sidecar.toml"))
-            .current_dir(self.dir.path())
+            .arg(self.workdir.join("sidecar.toml"))
+            .current_dir(&self.workdir)
             .env_remove("PORT")
             .env_remove("DOCKERFLOW_CONFIG")
             .output()
