@@ -20,7 +20,7 @@ pub const KINDS: [&str; 5] = [
 ];
 
 /// How many events a slow subscriber may fall behind before it lags.
-const CAPACITY: usize = 1024;
+const CAPACITY: usize = 16_384;
 
 /// One thing that happened.
 #[derive(Debug, Clone, Serialize)]

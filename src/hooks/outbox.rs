@@ -125,6 +125,15 @@ pub fn record(conn: &Connection, id: &str, outcome: &Attempted, now: i64) -> rus
     Ok(())
 }
 
+/// Records many outcomes in one transaction (one fsync).
+pub fn record_all(conn: &mut Connection, outcomes: &[(String, Attempted)], now: i64) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    for (id, outcome) in outcomes {
+        record(&tx, id, outcome, now)?;
+    }
+    tx.commit()
+}
+
 /// Claims the rows with these ids (whatever their status but `sending`)
 /// for an attempt now: the CLI's `hooks send`.
 pub fn claim(conn: &mut Connection, ids: &[String], now: i64) -> rusqlite::Result<Vec<Row>> {

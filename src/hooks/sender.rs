@@ -148,8 +148,30 @@ impl Hooks {
             Err(e) => tracing::error!(error = %e, "cannot recover the hook outbox"),
         }
         let rx = bus.subscribe();
+        let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(self.clone().enqueue_loop(rx));
-        tokio::spawn(self.clone().send_loop());
+        tokio::spawn(self.clone().record_loop(done_rx));
+        tokio::spawn(self.clone().send_loop(done_tx));
+    }
+
+    /// Writes attempts' outcomes in batches: one transaction (one fsync)
+    /// for all that finished meanwhile, not one per delivery.
+    async fn record_loop(self: Arc<Self>, mut done: tokio::sync::mpsc::UnboundedReceiver<(String, Attempted)>) {
+        while let Some(first) = done.recv().await {
+            let mut outcomes = vec![first];
+            while outcomes.len() < BATCH {
+                match done.try_recv() {
+                    Ok(outcome) => outcomes.push(outcome),
+                    Err(_) => break,
+                }
+            }
+            let now = unix_ms(SystemTime::now());
+            let count = outcomes.len();
+            if let Err(e) = self.blocking(move |conn| outbox::record_all(conn, &outcomes, now)).await {
+                // The rows stay `sending` and go out again at the next start.
+                tracing::error!(error = %e, rows = count as u64, "cannot record hook deliveries");
+            }
+        }
     }
 
     async fn enqueue_loop(self: Arc<Self>, mut rx: tokio::sync::broadcast::Receiver<Arc<Event>>) {
@@ -225,7 +247,7 @@ impl Hooks {
         rows
     }
 
-    async fn send_loop(self: Arc<Self>) {
+    async fn send_loop(self: Arc<Self>, done: tokio::sync::mpsc::UnboundedSender<(String, Attempted)>) {
         let slots = Arc::new(Semaphore::new(self.delivery.concurrency.max(1)));
         let mut last_prune: Option<std::time::Instant> = None;
         loop {
@@ -235,7 +257,7 @@ impl Hooks {
                 let _ = self.blocking(move |conn| outbox::prune(conn, before)).await;
                 last_prune = Some(std::time::Instant::now());
             }
-            let limit = self.delivery.concurrency.max(1) * 4;
+            let limit = (self.delivery.concurrency.max(1) * 16).max(64);
             let now = unix_ms(SystemTime::now());
             let rows = match self
                 .blocking(move |conn| outbox::claim_due(conn, now, limit))
@@ -259,10 +281,11 @@ impl Hooks {
                     return;
                 };
                 let hooks = self.clone();
+                let done = done.clone();
                 tokio::spawn(async move {
                     let outcome = hooks.attempt(&row).await;
-                    hooks.finish(&row, outcome).await;
                     drop(slot);
+                    let _ = done.send((row.id, outcome));
                 });
             }
         }
