@@ -126,7 +126,11 @@ pub fn record(conn: &Connection, id: &str, outcome: &Attempted, now: i64) -> rus
 }
 
 /// Records many outcomes in one transaction (one fsync).
-pub fn record_all(conn: &mut Connection, outcomes: &[(String, Attempted)], now: i64) -> rusqlite::Result<()> {
+pub fn record_all(
+    conn: &mut Connection,
+    outcomes: &[(String, Attempted)],
+    now: i64,
+) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     for (id, outcome) in outcomes {
         record(&tx, id, outcome, now)?;

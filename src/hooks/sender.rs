@@ -156,7 +156,10 @@ impl Hooks {
 
     /// Writes attempts' outcomes in batches: one transaction (one fsync)
     /// for all that finished meanwhile, not one per delivery.
-    async fn record_loop(self: Arc<Self>, mut done: tokio::sync::mpsc::UnboundedReceiver<(String, Attempted)>) {
+    async fn record_loop(
+        self: Arc<Self>,
+        mut done: tokio::sync::mpsc::UnboundedReceiver<(String, Attempted)>,
+    ) {
         while let Some(first) = done.recv().await {
             let mut outcomes = vec![first];
             while outcomes.len() < BATCH {
@@ -167,7 +170,10 @@ impl Hooks {
             }
             let now = unix_ms(SystemTime::now());
             let count = outcomes.len();
-            if let Err(e) = self.blocking(move |conn| outbox::record_all(conn, &outcomes, now)).await {
+            if let Err(e) = self
+                .blocking(move |conn| outbox::record_all(conn, &outcomes, now))
+                .await
+            {
                 // The rows stay `sending` and go out again at the next start.
                 tracing::error!(error = %e, rows = count as u64, "cannot record hook deliveries");
             }
@@ -247,7 +253,10 @@ impl Hooks {
         rows
     }
 
-    async fn send_loop(self: Arc<Self>, done: tokio::sync::mpsc::UnboundedSender<(String, Attempted)>) {
+    async fn send_loop(
+        self: Arc<Self>,
+        done: tokio::sync::mpsc::UnboundedSender<(String, Attempted)>,
+    ) {
         let slots = Arc::new(Semaphore::new(self.delivery.concurrency.max(1)));
         let mut last_prune: Option<std::time::Instant> = None;
         loop {
