@@ -33,6 +33,21 @@ use crate::mozlog::Logger;
 use crate::proxy::Proxy;
 use crate::shutdown::Shutdown;
 
+/// An error and its causes on one line, each cause once.
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// Everything a request needs, built once at start-up.
 pub struct App {
     /// The effective configuration.

@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::body::{RequestBody, ResponseBody};
 use crate::config::Config;
+use crate::error_chain;
 use crate::mozlog::RequestSummary;
 use crate::upstream::{self, UpstreamClient};
 
@@ -403,18 +404,6 @@ fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
     if let Ok(value) = HeaderValue::from_str(&joined) {
         headers.insert(name, value);
     }
-}
-
-/// An error and its causes on one line.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

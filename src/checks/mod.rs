@@ -21,6 +21,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use crate::config::{CheckConfig, CheckKind, CheckLevel, Config};
+pub(crate) use crate::error_chain;
 
 /// A check level (python-dockerflow / Django checks): higher is worse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -275,21 +276,6 @@ fn build(
 /// The URL of a check, with any password masked, for messages.
 fn shown(url: &str) -> String {
     crate::config::mask_url_password(url)
-}
-
-/// An error and its causes on one line.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

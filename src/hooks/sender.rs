@@ -22,6 +22,7 @@ use tokio::sync::{Notify, Semaphore};
 use super::outbox::{self, Attempted, Row};
 use super::{Secret, Template};
 use crate::config::{Config, DeliveryConfig, HookConfig, HookMethod};
+use crate::error_chain;
 use crate::events::{Bus, Event};
 use crate::reports::store::{millis, unix_ms};
 
@@ -481,15 +482,4 @@ fn retry_after(value: &HeaderValue) -> Option<Duration> {
     }
     let at = httpdate::parse_http_date(text).ok()?;
     Some(at.duration_since(SystemTime::now()).unwrap_or_default())
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
