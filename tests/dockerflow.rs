@@ -110,11 +110,8 @@ async fn heartbeat_full_details_when_the_app_is_up() {
 
 #[tokio::test]
 async fn heartbeat_fails_with_the_configured_status_when_the_app_is_down() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let closed = common::closed_port();
+    let port = closed.port;
     let sidecar = SidecarBuilder::new(&format!("http://127.0.0.1:{port}"))
         .toml("[heartbeat]\ndetails = \"full\"\nfailed_status = 503")
         .start();

@@ -19,15 +19,6 @@ fn redis_url() -> String {
     std::env::var("DOCKERFLOW_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
 }
 
-/// A port nothing listens on.
-fn closed_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A server that accepts connections and never says a word.
 fn silent_server() -> std::net::SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -183,7 +174,8 @@ async fn redis_wrong_password_says_why() {
 #[tokio::test]
 async fn closed_ports_are_connection_errors() {
     let app = Upstream::start();
-    let port = closed_port();
+    let closed = common::closed_port();
+    let port = closed.port;
     let sidecar = sidecar(
         &app,
         "",
@@ -313,7 +305,8 @@ async fn a_failing_query_is_an_error() {
 #[tokio::test]
 async fn levels_decide_the_status_code() {
     let app = Upstream::start();
-    let port = closed_port();
+    let closed = common::closed_port();
+    let port = closed.port;
     let failing = |level: &str| {
         check(
             "dep",
@@ -339,7 +332,8 @@ async fn levels_decide_the_status_code() {
 #[tokio::test]
 async fn silenced_ids_are_ignored() {
     let app = Upstream::start();
-    let port = closed_port();
+    let closed = common::closed_port();
+    let port = closed.port;
     let sidecar = sidecar(
         &app,
         "silenced = [\"sidecar.E001\"]",

@@ -284,11 +284,8 @@ impl tower_service::Service<http::Uri> for FixedConnector {
 
 #[tokio::test]
 async fn unreachable_upstream_gives_502_with_an_error_line() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let closed = common::closed_port();
+    let port = closed.port;
     let sidecar = SidecarBuilder::new(&format!("http://127.0.0.1:{port}")).start();
     let reply = get(&sidecar.url("/x"), &[("x-request-id", "down-1")]).await;
     assert_eq!(reply.status, 502);

@@ -117,6 +117,26 @@ pub struct SidecarBuilder {
     workdir: Option<PathBuf>,
 }
 
+/// A port where connections are refused for as long as this lives: the
+/// socket is bound, so no test running in parallel can take the port, but
+/// it never listens.
+pub struct ClosedPort {
+    /// The port.
+    pub port: u16,
+    _socket: tokio::net::TcpSocket,
+}
+
+/// A [`ClosedPort`] on 127.0.0.1.
+pub fn closed_port() -> ClosedPort {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = socket.local_addr().unwrap().port();
+    ClosedPort {
+        port,
+        _socket: socket,
+    }
+}
+
 /// The binary under test.
 pub fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_dockerflow-sidecar"))
