@@ -81,7 +81,9 @@ impl Proxy {
         summary: RequestSummary,
     ) -> Response<ResponseBody> {
         let method = req.method().clone();
-        let path = req.uri().path().to_owned();
+        // A reference-counted copy: the path is only made into a String
+        // for the (rare) upstream.error event.
+        let uri = req.uri().clone();
         let resp = self.forward_inner(req, peer, rid.clone(), summary).await;
         let status = resp.status();
         if status.is_server_error() {
@@ -90,7 +92,7 @@ impl Proxy {
                 "upstream.error",
                 crate::events::EventData::UpstreamError(Box::new(crate::events::UpstreamError {
                     method: method.to_string(),
-                    path,
+                    path: uri.path().to_owned(),
                     status: status.as_u16(),
                     request_id: String::from_utf8_lossy(rid.as_bytes()).into_owned(),
                     cause,

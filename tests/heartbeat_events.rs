@@ -7,28 +7,38 @@ use std::time::Duration;
 
 use common::Upstream;
 use dockerflow_sidecar::checks::Registry;
-use dockerflow_sidecar::config::{CheckConfig, Config, UpstreamUrl};
+use dockerflow_sidecar::config::{CheckConfig, CheckLevel, Config, UpstreamUrl};
 use dockerflow_sidecar::dockerflow::Heartbeat;
-use dockerflow_sidecar::events::{Bus, EventData};
+use dockerflow_sidecar::events::{Bus, Event, EventData};
+use std::sync::Arc;
 use tokio::sync::broadcast::error::TryRecvError;
+use tokio::sync::broadcast::Receiver;
 
-#[tokio::test]
-async fn events_are_published_only_on_transitions() {
-    let app = Upstream::start();
+/// A heartbeat with one upstream check of `level` on the app's `/health`,
+/// no cache, and a subscription to its bus.
+fn heartbeat_on(app: &Upstream, level: CheckLevel) -> (Heartbeat, Receiver<Arc<Event>>) {
     let mut config = Config::default();
     config.upstream.url = UpstreamUrl::try_from(app.url()).unwrap();
     config.heartbeat.cache_ttl = Duration::ZERO;
     config.heartbeat.checks = vec![CheckConfig {
         path: Some("/health".into()),
+        level,
         ..CheckConfig::upstream()
     }];
     let bus = Bus::default();
-    let mut events = bus.subscribe();
+    let events = bus.subscribe();
     let heartbeat = Heartbeat::new(
         Registry::from_config(&config).unwrap(),
         &config.heartbeat,
-        bus.clone(),
+        bus,
     );
+    (heartbeat, events)
+}
+
+#[tokio::test]
+async fn events_are_published_only_on_transitions() {
+    let app = Upstream::start();
+    let (heartbeat, mut events) = heartbeat_on(&app, CheckLevel::Error);
 
     heartbeat.report().await;
     heartbeat.report().await;
@@ -76,21 +86,7 @@ async fn events_are_published_only_on_transitions() {
 #[tokio::test]
 async fn a_warning_is_not_a_failure() {
     let app = Upstream::start();
-    let mut config = Config::default();
-    config.upstream.url = UpstreamUrl::try_from(app.url()).unwrap();
-    config.heartbeat.cache_ttl = Duration::ZERO;
-    config.heartbeat.checks = vec![CheckConfig {
-        path: Some("/health".into()),
-        level: dockerflow_sidecar::config::CheckLevel::Warning,
-        ..CheckConfig::upstream()
-    }];
-    let bus = Bus::default();
-    let mut events = bus.subscribe();
-    let heartbeat = Heartbeat::new(
-        Registry::from_config(&config).unwrap(),
-        &config.heartbeat,
-        bus,
-    );
+    let (heartbeat, mut events) = heartbeat_on(&app, CheckLevel::Warning);
     app.set_health(500);
     let report = heartbeat.report().await;
     assert_eq!(report.level().name(), "warning");

@@ -137,6 +137,19 @@ pub fn closed_port() -> ClosedPort {
     }
 }
 
+/// Runs a test server's future on a runtime of its own, in a thread, until
+/// the test process ends (so it serves whatever the test's runtime does).
+pub fn in_background(fut: impl std::future::Future<Output = ()> + Send + 'static) {
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(fut)
+    });
+}
+
 /// The binary under test.
 pub fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_dockerflow-sidecar"))

@@ -51,7 +51,7 @@ impl Upstream {
         let hits = Arc::new(AtomicUsize::new(0));
         let health = Arc::new(AtomicU16::new(200));
         let (counter, status) = (hits.clone(), health.clone());
-        spawn_runtime(async move {
+        super::in_background(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -74,7 +74,7 @@ impl Upstream {
         let hits = Arc::new(AtomicUsize::new(0));
         let health = Arc::new(AtomicU16::new(200));
         let (counter, status) = (hits.clone(), health.clone());
-        spawn_runtime(async move {
+        super::in_background(async move {
             let listener = tokio::net::UnixListener::from_std(listener).unwrap();
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -117,17 +117,6 @@ impl Upstream {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
-}
-
-fn spawn_runtime(fut: impl std::future::Future<Output = ()> + Send + 'static) {
-    std::thread::spawn(move || {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(fut)
-    });
 }
 
 fn serve<I>(io: TokioIo<I>, hits: Arc<AtomicUsize>, health: Arc<AtomicU16>)
