@@ -2,7 +2,8 @@
 # Makes sure what the tests use is installed and running on this machine:
 # PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379, with the role the
 # PostgreSQL tests log in as (password auth from 127.0.0.1, so a wrong
-# password really fails), and Debian's Chromium for the browser test.
+# password really fails), Debian's Chromium for the browser test, and Debian's
+# aiosmtpd for the mail tests.
 # Idempotent; installs with apt-get when root.
 set -euo pipefail
 
@@ -69,4 +70,7 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
 fi
 # --- Chromium (tests/browser.rs) -------------------------------------------
 command -v chromium >/dev/null || { log "installing Chromium"; apt_install chromium; }
-log "PostgreSQL, Redis and Chromium are ready"
+# --- an SMTP server (tests/mail.rs runs tests/smtp_server.py with it) ----------
+# Debian's python3 and its aiosmtpd: /usr/bin/python3, whatever python3 is first on PATH.
+/usr/bin/python3 -c 'import aiosmtpd' >/dev/null 2>&1 || { log "installing aiosmtpd"; apt_install python3 python3-aiosmtpd; }
+log "PostgreSQL, Redis, Chromium and aiosmtpd are ready"

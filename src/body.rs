@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::error_reports::Capture;
 use crate::mozlog::RequestSummary;
 
 /// A request body on its way to the app that says when it has been sent in
@@ -67,6 +68,8 @@ impl Body for RequestBody {
 pub struct ResponseBody {
     inner: Inner,
     summary: Option<RequestSummary>,
+    /// Collects the start of an error body for its `upstream.error` event.
+    capture: Option<Box<Capture>>,
 }
 
 enum Inner {
@@ -82,6 +85,7 @@ impl ResponseBody {
         ResponseBody {
             inner: Inner::Full(None),
             summary: None,
+            capture: None,
         }
     }
 
@@ -92,6 +96,7 @@ impl ResponseBody {
         ResponseBody {
             inner,
             summary: None,
+            capture: None,
         }
     }
 
@@ -100,7 +105,15 @@ impl ResponseBody {
         ResponseBody {
             inner: Inner::Upstream(body),
             summary: None,
+            capture: None,
         }
+    }
+
+    /// Attaches a capture of the body's first bytes, published when it has
+    /// enough or the body ends.
+    pub fn with_capture(mut self, capture: Capture) -> Self {
+        self.capture = Some(Box::new(capture));
+        self
     }
 
     /// Attaches the summary line, written when this body is dropped.
@@ -123,10 +136,23 @@ impl Body for ResponseBody {
             Inner::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
             Inner::Upstream(body) => {
                 let polled = Pin::new(body).poll_frame(cx);
-                if let Poll::Ready(Some(Err(e))) = &polled {
-                    if let Some(summary) = this.summary.as_mut() {
-                        summary.fail_body(format!("upstream response body failed: {e}"));
+                match &polled {
+                    Poll::Ready(Some(Err(e))) => {
+                        if let Some(summary) = this.summary.as_mut() {
+                            summary.fail_body(format!("upstream response body failed: {e}"));
+                        }
                     }
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let (Some(capture), Some(data)) =
+                            (this.capture.as_mut(), frame.data_ref())
+                        {
+                            if capture.feed(data) {
+                                // Enough: publish now, not when the body ends.
+                                this.capture = None;
+                            }
+                        }
+                    }
+                    _ => {}
                 }
                 polled
             }

@@ -7,12 +7,15 @@ pub mod body;
 pub mod checks;
 pub mod config;
 pub mod dockerflow;
+pub mod error_reports;
 pub mod events;
 pub mod hooks;
+pub mod mail;
 pub mod mozlog;
 pub mod proxy;
 pub mod reports;
 pub mod router;
+pub mod scrub;
 pub mod server;
 pub mod shutdown;
 pub mod store;
@@ -68,6 +71,10 @@ pub struct App {
     pub reports: reports::Intake,
     /// Outgoing webhooks and their outbox.
     pub hooks: Arc<hooks::Hooks>,
+    /// Error mail to admins and managers.
+    pub mail: Arc<mail::Mailer>,
+    /// Masks secrets in everything that leaves the sidecar.
+    pub scrubber: Arc<scrub::Scrubber>,
 }
 
 impl App {
@@ -77,17 +84,22 @@ impl App {
     pub fn new(config: Config, logger: Arc<Logger>) -> Result<App, String> {
         let shutdown = Shutdown::default();
         let bus = Bus::default();
-        let proxy = Proxy::new(&config, shutdown.tracker().clone(), bus.clone());
+        let scrubber = Arc::new(scrub::Scrubber::new(&config.errors.sensitive_patterns())?);
+        let errors = error_reports::ErrorReports::new(&config, scrubber.clone(), bus.clone())?;
+        let proxy = Proxy::new(&config, shutdown.tracker().clone(), errors);
         let heartbeat = Heartbeat::new(
             Registry::from_config(&config)?,
             &config.heartbeat,
             bus.clone(),
         );
-        let reports = reports::Intake::new(&config, bus.clone(), logger.clone())?;
+        let reports = reports::Intake::new(&config, bus.clone(), logger.clone(), scrubber.clone())?;
         let hooks = Arc::new(hooks::Hooks::new(&config)?);
+        let mail = Arc::new(mail::Mailer::new(&config)?);
         Ok(App {
             reports,
             hooks,
+            mail,
+            scrubber,
             rid_header: config.logging.request_id_header.name.clone(),
             config,
             logger,
@@ -169,6 +181,7 @@ pub async fn serve(
         "listening"
     );
     app.hooks.start(&app.bus);
+    app.mail.start(&app.bus);
     server::serve(app.clone(), listener, signal).await;
     // Every accepted report is stored before the process exits.
     let flushing = app.clone();
@@ -179,5 +192,7 @@ pub async fn serve(
     if !matches!(flushed, Ok(true)) {
         tracing::error!("reports still queued at exit could not all be stored within 30s");
     }
+    // Mail already decided on goes out, within the mail timeout.
+    app.mail.flush().await;
     Ok(())
 }

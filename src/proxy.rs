@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use crate::body::{RequestBody, ResponseBody};
 use crate::config::Config;
 use crate::error_chain;
+use crate::error_reports::ErrorReports;
 use crate::mozlog::RequestSummary;
 use crate::upstream::{self, UpstreamClient};
 
@@ -33,13 +34,13 @@ pub struct Proxy {
     response_header_timeout: Duration,
     /// Where WebSocket and other upgraded tunnels are tracked for shutdown.
     tunnels: TaskTracker,
-    /// Where `upstream.error` is published.
-    bus: crate::events::Bus,
+    /// Turns error responses into `upstream.error` and `broken_link` events.
+    errors: ErrorReports,
 }
 
 /// Marks a response the proxy made itself because forwarding failed.
-#[derive(Clone)]
-struct ProxyFailure(String);
+#[derive(Clone, Copy)]
+struct ProxyFailure(&'static str);
 
 /// Report copies passed on to the app at once, at most (each holds its body).
 const COPIES_IN_FLIGHT: usize = 64;
@@ -56,8 +57,9 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 ];
 
 impl Proxy {
-    /// A proxy for `config.upstream`, tracking tunnels in `tunnels`.
-    pub fn new(config: &Config, tunnels: TaskTracker, bus: crate::events::Bus) -> Proxy {
+    /// A proxy for `config.upstream`, tracking tunnels in `tunnels` and
+    /// reporting error responses through `errors`.
+    pub fn new(config: &Config, tunnels: TaskTracker, errors: ErrorReports) -> Proxy {
         Proxy {
             client: upstream::client(&config.upstream),
             copies: upstream::client(&config.upstream),
@@ -66,7 +68,7 @@ impl Proxy {
             rid_header: config.logging.request_id_header.name.clone(),
             response_header_timeout: config.upstream.response_header_timeout,
             tunnels,
-            bus,
+            errors,
         }
     }
 
@@ -80,26 +82,20 @@ impl Proxy {
         rid: HeaderValue,
         summary: RequestSummary,
     ) -> Response<ResponseBody> {
-        let method = req.method().clone();
-        // A reference-counted copy: the path is only made into a String
-        // for the (rare) upstream.error event.
-        let uri = req.uri().clone();
+        // Only when a hook or mail wants error events: a copy of the head.
+        let snapshot = self.errors.snapshot(&req, peer, summary.started());
         let resp = self.forward_inner(req, peer, rid.clone(), summary).await;
-        let status = resp.status();
-        if status.is_server_error() {
-            let cause = resp.extensions().get::<ProxyFailure>().map(|f| f.0.clone());
-            self.bus.publish(crate::events::Event::new(
-                "upstream.error",
-                crate::events::EventData::UpstreamError(Box::new(crate::events::UpstreamError {
-                    method: method.to_string(),
-                    path: uri.path().to_owned(),
-                    status: status.as_u16(),
-                    request_id: String::from_utf8_lossy(rid.as_bytes()).into_owned(),
-                    cause,
-                })),
-            ));
+        let Some(snapshot) = snapshot else {
+            return resp;
+        };
+        let cause = resp.extensions().get::<ProxyFailure>().map(|f| f.0);
+        match self
+            .errors
+            .on_response(snapshot, resp.status(), cause, &rid)
+        {
+            Some(capture) => resp.map(|body| body.with_capture(capture)),
+            None => resp,
         }
-        resp
     }
 
     async fn forward_inner(
@@ -280,7 +276,7 @@ impl Proxy {
         summary: RequestSummary,
     ) -> Response<ResponseBody> {
         let mut resp = crate::dockerflow::text(status, text);
-        resp.extensions_mut().insert(ProxyFailure(text.to_owned()));
+        resp.extensions_mut().insert(ProxyFailure(text));
         resp.headers_mut().insert(self.rid_header.clone(), rid);
         resp.map(|b| b.with_summary(summary))
     }

@@ -74,7 +74,7 @@ pub async fn handle(
         req.uri(),
         req.headers(),
         String::from_utf8_lossy(rid.as_bytes()).into_owned(),
-        app.config.logging.querystring,
+        app.config.logging.querystring.then_some(&*app.scrubber),
     );
 
     let route = match classify(req.uri().path()) {

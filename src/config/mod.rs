@@ -9,6 +9,7 @@
 //! carries the key and the provider that set it (see [`error`]).
 
 mod error;
+mod errors;
 mod heartbeat;
 mod hooks;
 mod mask;
@@ -24,6 +25,9 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 pub use error::ConfigError;
+pub use errors::{
+    EmailConfig, EmailTls, ErrorsConfig, IpNetwork, NotifyConfig, Pattern, StatusItem, StatusSet,
+};
 pub use heartbeat::{
     CheckConfig, CheckKind, CheckLevel, HeartbeatConfig, HeartbeatDetails, StatusSpec, Threshold,
 };
@@ -65,6 +69,11 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     /// The local state file.
     pub state: StateConfig,
+    /// Which app responses become `upstream.error` and `broken_link`
+    /// events, and what is scrubbed.
+    pub errors: ErrorsConfig,
+    /// Mail to admins and managers.
+    pub notify: NotifyConfig,
 }
 
 /// Where and how requests are forwarded.
@@ -178,6 +187,8 @@ impl Default for Config {
             hooks: Vec::new(),
             delivery: DeliveryConfig::default(),
             state: StateConfig::default(),
+            errors: ErrorsConfig::default(),
+            notify: NotifyConfig::default(),
         }
     }
 }
@@ -298,6 +309,22 @@ impl Config {
                 problems,
                 file.as_deref(),
             ));
+        }
+
+        for (table, problems) in [
+            ("errors", errors::validate_errors(&config.errors)),
+            ("notify.email", errors::validate_email(&config.notify.email)),
+        ] {
+            if !problems.is_empty() {
+                return Err(ConfigError::from_items(
+                    table,
+                    "",
+                    table,
+                    &[],
+                    problems,
+                    file.as_deref(),
+                ));
+            }
         }
 
         if let Ok(port) = std::env::var("PORT") {

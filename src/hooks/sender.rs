@@ -96,6 +96,8 @@ pub struct Hooks {
     db: Arc<Mutex<Connection>>,
     wake: Notify,
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// The event kinds the hooks take, declared on the bus once started.
+    interest: Mutex<Option<crate::events::Interest>>,
 }
 
 impl Hooks {
@@ -114,6 +116,7 @@ impl Hooks {
             db: Arc::new(Mutex::new(conn)),
             wake: Notify::new(),
             client: Client::builder(TokioExecutor::new()).build(connector),
+            interest: Mutex::new(None),
         })
     }
 
@@ -123,7 +126,25 @@ impl Hooks {
         let new = targets(config)?;
         let count = new.len();
         *self.targets.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(new);
+        self.declare_interest();
         Ok(count)
+    }
+
+    /// Tells the bus which kinds the current hooks take (once started).
+    fn declare_interest(&self) {
+        let kinds: Vec<String> = self
+            .current()
+            .iter()
+            .flat_map(|t| t.events.iter().cloned())
+            .collect();
+        if let Some(interest) = self
+            .interest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            interest.set(&kinds);
+        }
     }
 
     fn current(&self) -> Arc<Vec<Arc<Target>>> {
@@ -149,6 +170,8 @@ impl Hooks {
             Err(e) => tracing::error!(error = %e, "cannot recover the hook outbox"),
         }
         let rx = bus.subscribe();
+        *self.interest.lock().unwrap_or_else(|p| p.into_inner()) = Some(bus.interest());
+        self.declare_interest();
         let (done_tx, done_rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(self.clone().enqueue_loop(rx));
         tokio::spawn(self.clone().record_loop(done_rx));

@@ -142,16 +142,31 @@ fn sample(kind: &str) -> Option<Event> {
         })),
         "upstream.error" => EventData::UpstreamError(Box::new(crate::events::UpstreamError {
             method: "POST".into(),
+            host: hostile.into(),
             path: hostile.into(),
+            query: Some(hostile.into()),
             status: 502,
             request_id: "rid".into(),
+            duration_ms: 1,
+            client: "192.0.2.1".into(),
+            internal_ip: false,
+            user_agent: hostile.into(),
+            headers: [(hostile.to_owned(), hostile.to_owned())]
+                .into_iter()
+                .collect(),
+            body: Some(hostile.into()),
             cause: Some(hostile.into()),
         })),
         "broken_link" => EventData::BrokenLink(Box::new(crate::events::BrokenLink {
+            method: "GET".into(),
+            host: hostile.into(),
             path: hostile.into(),
+            query: Some(hostile.into()),
             referer: hostile.into(),
             internal: true,
             user_agent: hostile.into(),
+            client: "192.0.2.1".into(),
+            request_id: "rid".into(),
         })),
         _ => return None,
     };

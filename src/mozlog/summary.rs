@@ -48,8 +48,8 @@ struct Fields<'a> {
 }
 
 impl RequestSummary {
-    /// Starts the clock for a request. `log_query` adds the percent-decoded
-    /// query string.
+    /// Starts the clock for a request. With `log_query`, the line carries the
+    /// query string, scrubbed then percent-decoded.
     pub fn start(
         logger: Arc<Logger>,
         start: Instant,
@@ -57,7 +57,7 @@ impl RequestSummary {
         uri: &http::Uri,
         headers: &HeaderMap,
         rid: String,
-        log_query: bool,
+        log_query: Option<&crate::scrub::Scrubber>,
     ) -> RequestSummary {
         let header = |name: http::header::HeaderName| {
             headers
@@ -65,15 +65,14 @@ impl RequestSummary {
                 .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
                 .unwrap_or_default()
         };
-        let querystring = if log_query {
+        let querystring = log_query.and_then(|scrubber| {
             uri.query().map(|q| {
-                percent_encoding::percent_decode_str(q)
+                let q = scrubber.query(q, &mut crate::scrub::Secrets::default());
+                percent_encoding::percent_decode_str(&q)
                     .decode_utf8_lossy()
                     .into_owned()
             })
-        } else {
-            None
-        };
+        });
         RequestSummary {
             logger,
             start,
@@ -123,6 +122,11 @@ impl RequestSummary {
     /// stays what the client got).
     pub fn fail_body(&mut self, cause: String) {
         self.failure = Some(cause);
+    }
+
+    /// When the request arrived.
+    pub fn started(&self) -> Instant {
+        self.start
     }
 
     /// The request id.

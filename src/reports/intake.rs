@@ -51,6 +51,8 @@ pub struct Intake {
     requests: AtomicU64,
     bus: Bus,
     logger: Arc<Logger>,
+    /// Masks secrets in kept query strings and in report bodies.
+    scrubber: Arc<crate::scrub::Scrubber>,
     /// What was counted.
     pub counters: Counters,
 }
@@ -65,7 +67,12 @@ pub struct Outcome {
 
 impl Intake {
     /// Opens the store and sets up the limits from `config.reports`.
-    pub fn new(config: &Config, bus: Bus, logger: Arc<Logger>) -> Result<Intake, String> {
+    pub fn new(
+        config: &Config,
+        bus: Bus,
+        logger: Arc<Logger>,
+        scrubber: Arc<crate::scrub::Scrubber>,
+    ) -> Result<Intake, String> {
         let reports = config.reports.clone();
         let store = ReportStore::start(
             &config.state.path,
@@ -87,6 +94,7 @@ impl Intake {
             requests: AtomicU64::new(0),
             bus,
             logger,
+            scrubber,
             counters: Counters::default(),
         })
     }
@@ -218,10 +226,12 @@ impl Intake {
             return;
         }
         let keep = self.config.keep_query_strings;
-        let url = |u: &Option<String>| {
+        let mut secrets = crate::scrub::Secrets::default();
+        let mut url = |u: &Option<String>| {
             u.as_deref().map(|u| {
                 if keep {
-                    clean::text(u)
+                    // Kept, but never with a password or a token in it.
+                    clean::text(&self.scrubber.url(u, &mut secrets))
                 } else {
                     clean::text(&clean::cut_query(u))
                 }
@@ -247,6 +257,7 @@ impl Intake {
         if !keep {
             clean::cut_queries_in(&mut body);
         }
+        self.scrubber.json(&mut body, &mut secrets);
         let created = unix_ms(now);
         let stored = StoredReport {
             id: fields.id.clone(),

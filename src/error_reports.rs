@@ -1,0 +1,312 @@
+//! Error reports: the app's server errors (and the proxy's own 502/504) as
+//! `upstream.error` events, and 404s followed from a page as `broken_link`
+//! events, by Django's rules (`BrokenLinkEmailsMiddleware`) and ours.
+//!
+//! The proxy keeps a [`Snapshot`] of a request only when a subscriber wants
+//! one of these kinds, so a sidecar with no hook or mail for them does no
+//! extra work per request.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use regex::RegexSet;
+
+use crate::config::{Config, IpNetwork, StatusSet};
+use crate::events::{BrokenLink, Bus, Event, EventData, UpstreamError};
+use crate::scrub::{Scrubber, Secrets};
+
+/// Turns error responses into events.
+pub struct ErrorReports {
+    statuses: StatusSet,
+    body_bytes: usize,
+    ignorable_urls: RegexSet,
+    ignorable_agents: RegexSet,
+    internal_only: bool,
+    internal_ips: Vec<IpNetwork>,
+    scrubber: Arc<Scrubber>,
+    bus: Bus,
+}
+
+/// What is kept of a request in case its response is an error.
+pub struct Snapshot {
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    peer: SocketAddr,
+    start: Instant,
+}
+
+/// The first bytes of an error body, collected as it streams to the client;
+/// the event is published when enough is collected or the body ends.
+pub struct Capture {
+    /// `None` once published.
+    event: Option<Box<UpstreamError>>,
+    buf: Vec<u8>,
+    limit: usize,
+    secrets: Secrets,
+    scrubber: Arc<Scrubber>,
+    bus: Bus,
+}
+
+impl ErrorReports {
+    /// The rules of `config.errors`, scrubbing with `scrubber`, publishing on `bus`.
+    pub fn new(config: &Config, scrubber: Arc<Scrubber>, bus: Bus) -> Result<ErrorReports, String> {
+        let errors = &config.errors;
+        let set = |patterns: &[crate::config::Pattern]| {
+            RegexSet::new(patterns.iter().map(|p| p.0.as_str())).map_err(|e| e.to_string())
+        };
+        Ok(ErrorReports {
+            statuses: errors.server_error_statuses.clone(),
+            body_bytes: errors.response_body_bytes,
+            ignorable_urls: set(&errors.ignorable_404_urls)?,
+            ignorable_agents: set(&errors.ignorable_user_agents)?,
+            internal_only: errors.internal_only,
+            internal_ips: errors.internal_ips.clone(),
+            scrubber,
+            bus,
+        })
+    }
+
+    /// A snapshot of the request, or `None` when nobody wants error events.
+    pub fn snapshot<B>(
+        &self,
+        req: &http::Request<B>,
+        peer: SocketAddr,
+        start: Instant,
+    ) -> Option<Box<Snapshot>> {
+        if !self.bus.wants("upstream.error") && !self.bus.wants("broken_link") {
+            return None;
+        }
+        Some(Box::new(Snapshot {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            headers: req.headers().clone(),
+            peer,
+            start,
+        }))
+    }
+
+    /// Called with the response head: publishes the event the response
+    /// makes, if any, or returns a [`Capture`] to attach to the body when
+    /// the event should carry the body's first bytes. `cause` is set when
+    /// the proxy answered itself.
+    pub fn on_response(
+        &self,
+        snapshot: Box<Snapshot>,
+        status: StatusCode,
+        cause: Option<&str>,
+        request_id: &HeaderValue,
+    ) -> Option<Capture> {
+        let code = status.as_u16();
+        let server_error = match cause {
+            Some(_) => status.is_server_error(),
+            None => self.statuses.contains(code),
+        };
+        if server_error && self.bus.wants("upstream.error") {
+            let mut secrets = Secrets::default();
+            let event =
+                Box::new(self.upstream_error(&snapshot, code, cause, request_id, &mut secrets));
+            if cause.is_none() && self.body_bytes > 0 {
+                return Some(Capture {
+                    event: Some(event),
+                    buf: Vec::new(),
+                    limit: self.body_bytes,
+                    secrets,
+                    scrubber: self.scrubber.clone(),
+                    bus: self.bus.clone(),
+                });
+            }
+            self.bus.publish(Event::new(
+                "upstream.error",
+                EventData::UpstreamError(event),
+            ));
+        } else if code == 404 && cause.is_none() && self.bus.wants("broken_link") {
+            if let Some(link) = self.broken_link(&snapshot, request_id) {
+                self.bus.publish(Event::new(
+                    "broken_link",
+                    EventData::BrokenLink(Box::new(link)),
+                ));
+            }
+        }
+        None
+    }
+
+    fn upstream_error(
+        &self,
+        s: &Snapshot,
+        status: u16,
+        cause: Option<&str>,
+        request_id: &HeaderValue,
+        secrets: &mut Secrets,
+    ) -> UpstreamError {
+        let headers = self.scrubber.headers(&s.headers, secrets);
+        UpstreamError {
+            method: s.method.to_string(),
+            host: host(s),
+            path: s.uri.path().to_owned(),
+            query: s.uri.query().map(|q| self.scrubber.query(q, secrets)),
+            status,
+            request_id: lossy(request_id),
+            duration_ms: s.start.elapsed().as_millis() as u64,
+            client: s.peer.ip().to_canonical().to_string(),
+            internal_ip: self.internal_ips.iter().any(|n| n.contains(s.peer.ip())),
+            user_agent: header_text(&s.headers, header::USER_AGENT),
+            headers,
+            body: None,
+            cause: cause.map(str::to_owned),
+        }
+    }
+
+    /// The broken link a 404 is, unless it is ignorable: Django's
+    /// `is_ignorable_request` in its order, then ours.
+    fn broken_link(&self, s: &Snapshot, request_id: &HeaderValue) -> Option<BrokenLink> {
+        let referer = header_text(&s.headers, header::REFERER);
+        let domain = host(s);
+        let uri = s.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let user_agent = header_text(&s.headers, header::USER_AGENT);
+        let internal = is_internal(&domain, &referer);
+        if is_ignorable(&domain, uri, &referer, internal)
+            || self.ignorable_urls.is_match(uri)
+            || self.ignorable_agents.is_match(&user_agent)
+            || (self.internal_only && !internal)
+        {
+            return None;
+        }
+        let mut secrets = Secrets::default();
+        Some(BrokenLink {
+            method: s.method.to_string(),
+            path: s.uri.path().to_owned(),
+            query: s.uri.query().map(|q| self.scrubber.query(q, &mut secrets)),
+            referer: self.scrubber.url(&referer, &mut secrets),
+            internal,
+            user_agent,
+            client: s.peer.ip().to_canonical().to_string(),
+            request_id: lossy(request_id),
+            host: domain,
+        })
+    }
+}
+
+impl Capture {
+    /// Adds body bytes; true once the preview is complete.
+    pub fn feed(&mut self, data: &[u8]) -> bool {
+        let room = self.limit.saturating_sub(self.buf.len());
+        self.buf.extend_from_slice(&data[..room.min(data.len())]);
+        self.buf.len() >= self.limit
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        if let Some(mut event) = self.event.take() {
+            let text = String::from_utf8_lossy(&self.buf);
+            event.body = Some(self.scrubber.text(&text, &mut self.secrets));
+            self.bus.publish(Event::new(
+                "upstream.error",
+                EventData::UpstreamError(event),
+            ));
+        }
+    }
+}
+
+/// Django's `is_ignorable_request`, minus `IGNORABLE_404_URLS` (checked by
+/// the caller): no referer; an APPEND_SLASH redirect; an external referer
+/// with a query (a search engine); a referer that is the URL itself (a bot).
+pub fn is_ignorable(domain: &str, uri: &str, referer: &str, internal: bool) -> bool {
+    if referer.is_empty() {
+        return true;
+    }
+    if let Some(without_slash) = uri.strip_suffix('/') {
+        if referer == without_slash {
+            return true;
+        }
+    }
+    if !internal && referer.contains('?') {
+        return true;
+    }
+    let (netloc, path) = split_url(referer);
+    (netloc.is_empty() || netloc == domain) && path == uri
+}
+
+/// Django's `is_internal_request`: the referer is `http(s)://<domain>/…`
+/// (different subdomains are different domains).
+pub fn is_internal(domain: &str, referer: &str) -> bool {
+    let rest = referer
+        .strip_prefix("https://")
+        .or_else(|| referer.strip_prefix("http://"));
+    rest.and_then(|r| r.strip_prefix(domain))
+        .is_some_and(|r| r.starts_with('/'))
+}
+
+/// `urllib.parse.urlparse(url)`'s netloc and path: the netloc follows `//`
+/// (after a scheme or at the start) up to `/`, `?` or `#`; the path runs up
+/// to `?` or `#`.
+fn split_url(url: &str) -> (&str, &str) {
+    let end = url.find(['?', '#']).unwrap_or(url.len());
+    let url = &url[..end];
+    let after_scheme = match url.find(':') {
+        Some(colon)
+            if colon > 0
+                && url[..colon]
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
+                && url.as_bytes()[0].is_ascii_alphabetic() =>
+        {
+            &url[colon + 1..]
+        }
+        _ => url,
+    };
+    match after_scheme.strip_prefix("//") {
+        Some(rest) => {
+            let slash = rest.find('/').unwrap_or(rest.len());
+            (&rest[..slash], &rest[slash..])
+        }
+        None => ("", after_scheme),
+    }
+}
+
+/// The host the client asked for: the target's authority, else `Host`.
+fn host(s: &Snapshot) -> String {
+    match s.uri.authority() {
+        Some(authority) => authority.as_str().to_owned(),
+        None => header_text(&s.headers, header::HOST),
+    }
+}
+
+fn header_text(headers: &HeaderMap, name: header::HeaderName) -> String {
+    headers.get(name).map(lossy).unwrap_or_default()
+}
+
+fn lossy(value: &HeaderValue) -> String {
+    String::from_utf8_lossy(value.as_bytes()).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_split_like_urlparse() {
+        assert_eq!(
+            split_url("https://a.example/x/y?q#f"),
+            ("a.example", "/x/y")
+        );
+        assert_eq!(split_url("http://a.example"), ("a.example", ""));
+        assert_eq!(split_url("//a.example/p"), ("a.example", "/p"));
+        assert_eq!(split_url("/relative/p?x"), ("", "/relative/p"));
+        assert_eq!(split_url("p"), ("", "p"));
+        assert_eq!(split_url("http://u@h:81/p"), ("u@h:81", "/p"));
+    }
+
+    #[test]
+    fn internal_means_same_host_and_a_path() {
+        assert!(is_internal("app.example", "https://app.example/page"));
+        assert!(is_internal("app.example:8000", "http://app.example:8000/"));
+        assert!(!is_internal("app.example", "https://app.example.evil/page"));
+        assert!(!is_internal("app.example", "https://www.app.example/page"));
+        assert!(!is_internal("app.example", "https://app.example"));
+        assert!(!is_internal("app.example", "ftp://app.example/x"));
+    }
+}
