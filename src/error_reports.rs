@@ -190,11 +190,14 @@ impl ErrorReports {
 }
 
 impl Capture {
-    /// Adds body bytes; true once the preview is complete.
+    /// Adds body bytes; true once the preview is complete. A little more
+    /// than the preview is kept, so a secret the cut falls into is still
+    /// whole when it is looked for.
     pub fn feed(&mut self, data: &[u8]) -> bool {
-        let room = self.limit.saturating_sub(self.buf.len());
+        let want = self.limit + self.secrets.max_len();
+        let room = want.saturating_sub(self.buf.len());
         self.buf.extend_from_slice(&data[..room.min(data.len())]);
-        self.buf.len() >= self.limit
+        self.buf.len() >= want
     }
 }
 
@@ -202,7 +205,13 @@ impl Drop for Capture {
     fn drop(&mut self) {
         if let Some(mut event) = self.event.take() {
             let text = String::from_utf8_lossy(&self.buf);
-            event.body = Some(self.scrubber.text(&text, &mut self.secrets));
+            let mut text = self.scrubber.text(&text, &mut self.secrets);
+            let mut end = self.limit.min(text.len());
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
+            event.body = Some(text);
             self.bus.publish(Event::new(
                 "upstream.error",
                 EventData::UpstreamError(event),
@@ -286,6 +295,195 @@ fn lossy(value: &HeaderValue) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Pattern;
+
+    fn reports(internal_only: bool) -> ErrorReports {
+        let mut config = Config::default();
+        config.errors.ignorable_404_urls = vec![Pattern(r"\.php$".into()), Pattern("^/wp-".into())];
+        config.errors.internal_only = internal_only;
+        ErrorReports::new(&config, Arc::default(), Bus::default()).unwrap()
+    }
+
+    /// `Some(internal)` when the 404 is a broken link, `None` when ignored.
+    fn verdict(r: &ErrorReports, host: &str, uri: &str, referer: &str, ua: &str) -> Option<bool> {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_str(host).unwrap());
+        if !referer.is_empty() {
+            headers.insert(header::REFERER, HeaderValue::from_str(referer).unwrap());
+        }
+        headers.insert(header::USER_AGENT, HeaderValue::from_str(ua).unwrap());
+        let snapshot = Snapshot {
+            method: Method::GET,
+            uri: uri.parse().unwrap(),
+            headers,
+            peer: "192.0.2.7:5000".parse().unwrap(),
+            start: Instant::now(),
+        };
+        r.broken_link(&snapshot, &HeaderValue::from_static("rid"))
+            .map(|link| link.internal)
+    }
+
+    /// Django's BrokenLinkEmailsMiddleware cases, in is_ignorable_request's
+    /// order, then ours.
+    #[test]
+    fn broken_link_rules() {
+        const UA: &str = "Mozilla/5.0 (X11; Linux x86_64) Firefox/128.0";
+        const BOT: &str =
+            "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)";
+        let missing = "/regular_url/that/does/not/exist";
+        let all = reports(false);
+        let cases: &[(&str, &str, &str, &str, Option<bool>)] = &[
+            // (why, uri, referer, user agent, verdict)
+            ("no referer", missing, "", UA, None),
+            (
+                "internal referer",
+                missing,
+                "http://testserver/",
+                UA,
+                Some(true),
+            ),
+            (
+                "https internal referer",
+                missing,
+                "https://testserver/page",
+                UA,
+                Some(true),
+            ),
+            (
+                "external referer",
+                missing,
+                "https://other.example/page",
+                UA,
+                Some(false),
+            ),
+            (
+                "subdomain is another domain",
+                missing,
+                "http://www.testserver/",
+                UA,
+                Some(false),
+            ),
+            (
+                "APPEND_SLASH redirect",
+                "/regular_url/that/does/not/exist/",
+                missing,
+                UA,
+                None,
+            ),
+            (
+                "external referer with ? (search engine)",
+                missing,
+                "https://www.google.com/search?q=x",
+                UA,
+                None,
+            ),
+            (
+                "internal referer with ? is reported",
+                missing,
+                "http://testserver/list?page=2",
+                UA,
+                Some(true),
+            ),
+            (
+                "referer is the URL itself (bot)",
+                missing,
+                "http://testserver/regular_url/that/does/not/exist",
+                UA,
+                None,
+            ),
+            (
+                "... whatever the scheme",
+                missing,
+                "https://testserver/regular_url/that/does/not/exist",
+                UA,
+                None,
+            ),
+            ("... or relative", missing, missing, UA, None),
+            (
+                "the same path on another domain is reported",
+                missing,
+                "http://anotherserver/regular_url/that/does/not/exist",
+                UA,
+                Some(false),
+            ),
+            (
+                "the URL with a query differs from its path",
+                "/a?b=1",
+                "http://testserver/a",
+                UA,
+                Some(true),
+            ),
+            (
+                "IGNORABLE_404_URLS",
+                "/admin/setup.php",
+                "http://testserver/",
+                UA,
+                None,
+            ),
+            (
+                "IGNORABLE_404_URLS anchored",
+                "/wp-login",
+                "http://testserver/",
+                UA,
+                None,
+            ),
+            (
+                "a pattern elsewhere does not match",
+                "/docs/wp-guide",
+                "http://testserver/",
+                UA,
+                Some(true),
+            ),
+            (
+                "ignorable user agent (ours)",
+                missing,
+                "http://testserver/",
+                BOT,
+                None,
+            ),
+        ];
+        for (why, uri, referer, ua, expected) in cases {
+            assert_eq!(
+                verdict(&all, "testserver", uri, referer, ua),
+                *expected,
+                "{why}"
+            );
+        }
+        let internal_only = reports(true);
+        assert_eq!(
+            verdict(
+                &internal_only,
+                "testserver",
+                missing,
+                "https://other.example/",
+                UA
+            ),
+            None,
+            "internal_only drops external"
+        );
+        assert_eq!(
+            verdict(
+                &internal_only,
+                "testserver",
+                missing,
+                "http://testserver/",
+                UA
+            ),
+            Some(true),
+            "internal_only keeps internal"
+        );
+        assert_eq!(
+            verdict(
+                &all,
+                "testserver:8000",
+                missing,
+                "http://testserver:8000/x",
+                UA
+            ),
+            Some(true),
+            "the port is part of the host"
+        );
+    }
 
     #[test]
     fn urls_split_like_urlparse() {

@@ -70,9 +70,9 @@ impl Secrets {
         text
     }
 
-    /// True when nothing was remembered.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+    /// The longest remembered secret, in bytes.
+    pub fn max_len(&self) -> usize {
+        self.0.iter().map(String::len).max().unwrap_or(0)
     }
 }
 

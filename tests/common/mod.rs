@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod receiver;
+pub mod smtp;
 pub mod upstream;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -66,6 +67,18 @@ impl Lines {
             }
             lines = self.changed.wait_timeout(lines, end - now).unwrap().0;
         }
+    }
+
+    /// Waits for a line that satisfies `pred`, failing with `errors` (the
+    /// child's stderr) if none comes: a child that could not start says why.
+    pub fn wait_within_or_exit(&self, errors: &Lines, pred: impl Fn(&str) -> bool) -> String {
+        self.wait_for_within(DEADLINE, &pred).unwrap_or_else(|| {
+            panic!(
+                "timed out; stdout:\n{}\nstderr:\n{}",
+                self.all().join("\n"),
+                errors.all().join("\n")
+            )
+        })
     }
 
     /// Waits until `count` lines satisfy `pred` and returns them.

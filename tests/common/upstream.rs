@@ -1,6 +1,9 @@
 //! A real hyper app for the sidecar to forward to. It answers by path:
 //! - `/slow/<ms>`: waits, then 200;
 //! - `/status/<code>`: that status;
+//! - `/echo-status/<code>`: that status with the JSON echo of the request
+//!   (an error page that shows the request, secrets and all);
+//! - `/missing/…`: 404;
 //! - `/health`: the status in `Upstream::health`;
 //! - `/dockerflow-heartbeat`: a failing python-dockerflow heartbeat body;
 //! - `/trailers`: a chunked body with an `x-checksum` trailer;
@@ -176,6 +179,15 @@ async fn handle(mut req: Request<Incoming>, health: u16) -> Result<Response<Body
             });
             full(StatusCode::INTERNAL_SERVER_ERROR, body.to_string())
         }
+        ["", "echo-status", code] => {
+            let code = StatusCode::from_u16(code.parse().unwrap_or(500)).unwrap();
+            let echo = json!({
+                "uri": req.uri().to_string(),
+                "headers": pairs(req.headers()),
+            });
+            full(code, echo.to_string())
+        }
+        ["", "missing", ..] => full(StatusCode::NOT_FOUND, "not found"),
         ["", "status", code] => {
             let code = StatusCode::from_u16(code.parse().unwrap_or(500)).unwrap();
             full(code, format!("status {}", code.as_u16()))
