@@ -266,3 +266,94 @@ fn check_config_masks_passwords_in_check_urls() {
         "{printed}"
     );
 }
+
+#[test]
+fn errors_and_mail_settings_are_validated_with_the_key_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let mail = "[notify.email]\nhost = \"smtp.example.com\"\nadmins = [\"ops@example.com\"]\n";
+    let cases = [
+        (
+            "[errors]\nserver_error_statuses = [\"5xx\"]\n",
+            "`errors.server_error_statuses`",
+            "ranges such as \"500-599\"",
+        ),
+        (
+            "[errors]\nignorable_404_urls = [\"\\\\.php$\", \"(\"]\n",
+            "`errors.ignorable_404_urls",
+            "`(` is not a valid regex",
+        ),
+        (
+            "[errors]\ninternal_ips = [\"10.0.0.0/33\"]\n",
+            "`errors.internal_ips",
+            "10.0.0.0/8",
+        ),
+        (
+            "[errors]\nresponse_body_bytes = 1000000\n",
+            "`errors.response_body_bytes`",
+            "at most 65536",
+        ),
+        (
+            "[notify.email]\nhost = \"smtp.example.com\"\ntls = \"ssl\"\nadmins = [\"a@b.c\"]\n",
+            "`notify.email.tls`",
+            "starttls",
+        ),
+        (
+            "[notify.email]\nhost = \"smtp.example.com\"\nadmins = [\"not an address\"]\n",
+            "`notify.email.admins`",
+            "line 3",
+        ),
+        (
+            "[notify.email]\nhost = \"smtp.example.com\"\n",
+            "`notify.email.host`",
+            "nobody would get mail",
+        ),
+        (
+            &format!("{mail}password = \"x\"\n"),
+            "`notify.email.username`",
+            "needs both",
+        ),
+        (
+            &format!("{mail}username = \"u\"\npassword_file = \"/nonexistent/pw\"\n"),
+            "`notify.email.password_file`",
+            "/nonexistent/pw",
+        ),
+    ];
+    for (i, (toml, key, hint)) in cases.iter().enumerate() {
+        let file = dir.path().join(format!("c{i}.toml"));
+        std::fs::write(&file, toml).unwrap();
+        let out = run(&["check-config", "--config", file.to_str().unwrap()], &[]);
+        assert_eq!(out.status.code(), Some(2), "{toml}");
+        let err = text(&out.stderr);
+        assert!(err.contains(key) && err.contains(hint), "{toml}\n→ {err}");
+    }
+    // From the environment, the variable is named.
+    let out = run(
+        &["check-config"],
+        &[("DOCKERFLOW_NOTIFY__EMAIL__MAX_PER_WINDOW", "many")],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("DOCKERFLOW_NOTIFY__EMAIL__MAX_PER_WINDOW"),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_config_masks_the_smtp_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.toml");
+    std::fs::write(
+        &file,
+        "[notify.email]\nhost = \"smtp.example.com\"\nusername = \"u\"\npassword = \"hunter2\"\nadmins = [\"ops@example.com\"]\n",
+    )
+    .unwrap();
+    let out = run(&["check-config", "--config", file.to_str().unwrap()], &[]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let printed = text(&out.stdout);
+    assert!(!printed.contains("hunter2"), "{printed}");
+    assert!(
+        printed.contains("password = \"********************\""),
+        "{printed}"
+    );
+}

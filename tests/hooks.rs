@@ -447,7 +447,7 @@ async fn sighup_applies_new_hooks_without_dropping_a_request() {
             "{original}\n{}",
             hook(
                 "second",
-                "\"heartbeat.failed\"",
+                "\"heartbeat.failed\", \"upstream.error\"",
                 &receiver.url("/second"),
                 ""
             )
@@ -478,6 +478,13 @@ async fn sighup_applies_new_hooks_without_dropping_a_request() {
     fail_heartbeat(&app, &sidecar).await;
     receiver.wait_for("/first", 1);
     receiver.wait_for("/second", 1);
+    // The proxy now keeps what upstream.error needs: no hook wanted it before.
+    assert_eq!(get(&sidecar.url("/status/500"), &[]).await.status, 500);
+    let second = receiver.wait_for("/second", 2);
+    assert!(
+        second.iter().any(|r| r.body.contains("\"upstream.error\"")),
+        "{second:?}"
+    );
 }
 
 #[tokio::test]
