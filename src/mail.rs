@@ -318,8 +318,8 @@ async fn decide_loop(
         inner.outstanding.fetch_add(1, Ordering::AcqRel);
         if tx.try_send(message).is_err() {
             finished(&inner);
-            inner.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!("the mail queue is full: an error mail was dropped");
+            let dropped = inner.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::warn!(dropped, "the mail queue is full: an error mail was dropped");
         }
     }
 }
@@ -337,13 +337,18 @@ async fn send_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<Message>) {
                 inner.stats.sent.fetch_add(1, Ordering::Relaxed);
             }
             Ok(Err(e)) => {
-                inner.stats.failed.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %crate::error_chain(&e), subject, "could not send an error mail");
+                let failed = inner.stats.failed.fetch_add(1, Ordering::Relaxed) + 1;
+                tracing::error!(
+                    error = %crate::error_chain(&e),
+                    subject,
+                    failed,
+                    "could not send an error mail"
+                );
             }
             Err(_) => {
-                inner.stats.failed.fetch_add(1, Ordering::Relaxed);
+                let failed = inner.stats.failed.fetch_add(1, Ordering::Relaxed) + 1;
                 let limit = humantime::format_duration(inner.timeout).to_string();
-                tracing::error!(subject, limit, "sending an error mail timed out");
+                tracing::error!(subject, limit, failed, "sending an error mail timed out");
             }
         }
         finished(&inner);

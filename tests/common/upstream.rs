@@ -1,6 +1,6 @@
 //! A real hyper app for the sidecar to forward to. It answers by path:
 //! - `/slow/<ms>`: waits, then 200;
-//! - `/status/<code>`: that status;
+//! - `/status/<code>[/…]`: that status;
 //! - `/echo-status/<code>`: that status with the JSON echo of the request
 //!   (an error page that shows the request, secrets and all);
 //! - `/missing/…`: 404;
@@ -188,7 +188,7 @@ async fn handle(mut req: Request<Incoming>, health: u16) -> Result<Response<Body
             full(code, echo.to_string())
         }
         ["", "missing", ..] => full(StatusCode::NOT_FOUND, "not found"),
-        ["", "status", code] => {
+        ["", "status", code, ..] => {
             let code = StatusCode::from_u16(code.parse().unwrap_or(500)).unwrap();
             full(code, format!("status {}", code.as_u16()))
         }
