@@ -141,18 +141,25 @@ impl ErrorReports {
         request_id: &HeaderValue,
         secrets: &mut Secrets,
     ) -> UpstreamError {
-        let headers = self.scrubber.headers(&s.headers, secrets);
+        let query = s.uri.query().map(|q| self.scrubber.query(q, secrets));
+        let mut headers = self.scrubber.headers(&s.headers, secrets);
+        // A secret of the query repeated in a header (X-Original-URL) too.
+        if !secrets.is_empty() {
+            for value in headers.values_mut() {
+                *value = secrets.redact(value);
+            }
+        }
         UpstreamError {
             method: s.method.to_string(),
             host: host(s),
             path: s.uri.path().to_owned(),
-            query: s.uri.query().map(|q| self.scrubber.query(q, secrets)),
+            query,
             status,
             request_id: lossy(request_id),
             duration_ms: s.start.elapsed().as_millis() as u64,
             client: s.peer.ip().to_canonical().to_string(),
             internal_ip: self.internal_ips.iter().any(|n| n.contains(s.peer.ip())),
-            user_agent: header_text(&s.headers, header::USER_AGENT),
+            user_agent: headers.get("user-agent").cloned().unwrap_or_default(),
             headers,
             body: None,
             cause: cause.map(str::to_owned),
@@ -204,8 +211,17 @@ impl Capture {
 impl Drop for Capture {
     fn drop(&mut self) {
         if let Some(mut event) = self.event.take() {
-            let text = String::from_utf8_lossy(&self.buf);
-            let mut text = self.scrubber.text(&text, &mut self.secrets);
+            let mut text = if self.buf.len() <= self.limit {
+                // The whole body: JSON can be scrubbed by key too.
+                self.scrubber
+                    .text(&String::from_utf8_lossy(&self.buf), &mut self.secrets)
+            } else {
+                // Cut first, never inside a secret, then mask the secrets
+                // (masking first would shift later bytes into the preview).
+                let cut = self.secrets.safe_cut(&self.buf, self.limit);
+                self.secrets
+                    .redact(&String::from_utf8_lossy(&self.buf[..cut]))
+            };
             let mut end = self.limit.min(text.len());
             while !text.is_char_boundary(end) {
                 end -= 1;
@@ -267,19 +283,30 @@ fn split_url(url: &str) -> (&str, &str) {
         }
         _ => url,
     };
-    match after_scheme.strip_prefix("//") {
+    let (netloc, path) = match after_scheme.strip_prefix("//") {
         Some(rest) => {
             let slash = rest.find('/').unwrap_or(rest.len());
             (&rest[..slash], &rest[slash..])
         }
         None => ("", after_scheme),
-    }
+    };
+    // `;params` of the last segment are not part of urlparse's path.
+    let last = path.rfind('/').map_or(0, |i| i + 1);
+    let path = match path[last..].find(';') {
+        Some(semi) => &path[..last + semi],
+        None => path,
+    };
+    (netloc, path)
 }
 
 /// The host the client asked for: the target's authority, else `Host`.
 fn host(s: &Snapshot) -> String {
     match s.uri.authority() {
-        Some(authority) => authority.as_str().to_owned(),
+        // Without any userinfo an absolute-form target carried.
+        Some(authority) => match authority.port() {
+            Some(port) => format!("{}:{}", authority.host(), port),
+            None => authority.host().to_owned(),
+        },
         None => header_text(&s.headers, header::HOST),
     }
 }
@@ -296,6 +323,7 @@ fn lossy(value: &HeaderValue) -> String {
 mod tests {
     use super::*;
     use crate::config::Pattern;
+    use crate::scrub::MASK;
 
     fn reports(internal_only: bool) -> ErrorReports {
         let mut config = Config::default();
@@ -485,6 +513,73 @@ mod tests {
         );
     }
 
+    /// The preview of `page` cut at `limit`, as published.
+    fn preview(page: &str, limit: usize, secrets: &[&str]) -> String {
+        let bus = Bus::default();
+        let mut rx = bus.subscribe();
+        let mut known = Secrets::default();
+        secrets.iter().for_each(|s| known.add(s));
+        let reports = reports(false);
+        let snapshot = Snapshot {
+            method: Method::GET,
+            uri: "/x".parse().unwrap(),
+            headers: HeaderMap::new(),
+            peer: "192.0.2.7:5000".parse().unwrap(),
+            start: Instant::now(),
+        };
+        let event = reports.upstream_error(
+            &snapshot,
+            500,
+            None,
+            &HeaderValue::from_static("r"),
+            &mut known,
+        );
+        let mut capture = Capture {
+            event: Some(Box::new(event)),
+            buf: Vec::new(),
+            limit,
+            secrets: known,
+            scrubber: Arc::default(),
+            bus,
+        };
+        // In small pieces, as a body streams.
+        for chunk in page.as_bytes().chunks(7) {
+            if capture.feed(chunk) {
+                break;
+            }
+        }
+        drop(capture);
+        match &rx.try_recv().unwrap().data {
+            EventData::UpstreamError(e) => e.body.clone().unwrap(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn previews_never_hold_part_of_a_secret() {
+        let long = "L".repeat(30) + &"0123456789".repeat(3);
+        let page = format!("<p>token {long} and again {long} end</p>");
+        // Whatever the cut, no piece of 4 or more characters of the secret.
+        for limit in 1..page.len() + 5 {
+            let body = preview(&page, limit, &[&long]);
+            assert!(body.len() <= limit, "{limit}: {body}");
+            for piece in long.as_bytes().windows(6) {
+                let piece = std::str::from_utf8(piece).unwrap();
+                assert!(!body.contains(piece), "{limit}: {piece} in {body}");
+            }
+        }
+        // A whole page that fits is kept, masked.
+        assert_eq!(
+            preview(&page, 4096, &[&long]),
+            format!("<p>token {MASK} and again {MASK} end</p>")
+        );
+        // JSON that fits is scrubbed by key as well.
+        assert_eq!(
+            preview("{\"password\":\"hunter2\",\"ok\":1}", 4096, &[]),
+            format!("{{\"ok\":1,\"password\":\"{MASK}\"}}")
+        );
+    }
+
     #[test]
     fn urls_split_like_urlparse() {
         assert_eq!(
@@ -496,6 +591,8 @@ mod tests {
         assert_eq!(split_url("/relative/p?x"), ("", "/relative/p"));
         assert_eq!(split_url("p"), ("", "p"));
         assert_eq!(split_url("http://u@h:81/p"), ("u@h:81", "/p"));
+        assert_eq!(split_url("http://h/a;x"), ("h", "/a"));
+        assert_eq!(split_url("http://h/a;x/b;y?q"), ("h", "/a;x/b"));
     }
 
     #[test]

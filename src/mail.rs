@@ -128,8 +128,10 @@ impl Mailer {
         interest.set(&kinds);
         *self.interest.lock().unwrap_or_else(|p| p.into_inner()) = Some(interest);
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(decide_loop(inner.clone(), bus.subscribe(), tx));
-        tokio::spawn(send_loop(inner.clone(), rx));
+        // Undelivered messages go back to the limiter (at most QUEUE + 1 in flight).
+        let (failed_tx, failed_rx) = mpsc::unbounded_channel();
+        tokio::spawn(decide_loop(inner.clone(), bus.subscribe(), tx, failed_rx));
+        tokio::spawn(send_loop(inner.clone(), rx, failed_tx));
     }
 
     /// Waits until every message decided on has been sent or has failed,
@@ -181,15 +183,22 @@ fn transport(email: &EmailConfig) -> Result<AsyncSmtpTransport<Tokio1Executor>, 
     Ok(builder.build())
 }
 
-/// Rate limiting: one message per key per window, and `max` in all per window.
+/// Longest path kept in a rate-limit key (longer paths share a key).
+const MAX_KEY_PATH: usize = 256;
+/// Windows a suppressed count waits for its key to come back; then it is
+/// folded into the count of "other" messages the next message reports.
+const KEEP_WINDOWS: u32 = 3;
+
+/// Rate limiting for one kind (admins and managers each have their own):
+/// one message per (status, path) per window, and `max` in all per window.
 struct Limiter {
     window: Duration,
     max: u32,
     window_start: Instant,
     sent_in_window: u32,
-    keys: HashMap<(&'static str, u16, String), KeyState>,
-    /// Events suppressed with no key to carry the count (key table full).
-    uncounted: u64,
+    keys: HashMap<(u16, String), KeyState>,
+    /// Suppressed events whose key is gone (table full, or expired).
+    others: u64,
     last_prune: Instant,
 }
 
@@ -197,20 +206,26 @@ struct Limiter {
 struct KeyState {
     last_sent: Option<Instant>,
     suppressed: u64,
-    since: Option<SystemTime>,
+    /// When the first suppressed event came (shown, and for expiry).
+    since: Option<(SystemTime, Instant)>,
 }
 
 /// What the limiter says about one event.
 #[derive(Debug, PartialEq)]
 enum Decision {
     /// Send; `suppressed` similar events were not mailed since `since`, and
-    /// `others` events of any key were dropped by the global cap.
+    /// `others` events of other keys were not mailed and will not be counted
+    /// anywhere else.
     Send {
         suppressed: u64,
         since: Option<SystemTime>,
         others: u64,
     },
     Suppress,
+}
+
+fn key(status: u16, path: &str) -> (u16, String) {
+    (status, path.chars().take(MAX_KEY_PATH).collect())
 }
 
 impl Limiter {
@@ -221,26 +236,22 @@ impl Limiter {
             window_start: now,
             sent_in_window: 0,
             keys: HashMap::new(),
-            uncounted: 0,
+            others: 0,
             last_prune: now,
         }
     }
 
-    fn decide(&mut self, kind: &'static str, status: u16, path: &str, now: Instant) -> Decision {
+    fn decide(&mut self, status: u16, path: &str, now: Instant) -> Decision {
         if now.duration_since(self.window_start) >= self.window {
             self.window_start = now;
             self.sent_in_window = 0;
         }
         if now.duration_since(self.last_prune) >= self.window {
-            self.last_prune = now;
-            let window = self.window;
-            self.keys.retain(|_, k| {
-                k.suppressed > 0 || k.last_sent.is_some_and(|t| now.duration_since(t) < window)
-            });
+            self.prune(now);
         }
-        let key = (kind, status, path.to_owned());
+        let key = key(status, path);
         if !self.keys.contains_key(&key) && self.keys.len() >= MAX_KEYS {
-            self.uncounted += 1;
+            self.others += 1;
             return Decision::Suppress;
         }
         let state = self.keys.entry(key).or_default();
@@ -249,48 +260,113 @@ impl Limiter {
             .is_some_and(|t| now.duration_since(t) < self.window);
         if recent || self.sent_in_window >= self.max {
             state.suppressed += 1;
-            state.since.get_or_insert_with(SystemTime::now);
+            state.since.get_or_insert((SystemTime::now(), now));
             return Decision::Suppress;
         }
         self.sent_in_window += 1;
         state.last_sent = Some(now);
         Decision::Send {
             suppressed: std::mem::take(&mut state.suppressed),
-            since: state.since.take(),
-            others: std::mem::take(&mut self.uncounted),
+            since: state.since.take().map(|(time, _)| time),
+            others: std::mem::take(&mut self.others),
         }
     }
+
+    /// A message that was decided on but not delivered: its count (and the
+    /// event itself) go back, to be reported by the next one.
+    fn undelivered(&mut self, status: u16, path: &str, carried: u64, others: u64) {
+        self.others += others;
+        match self.keys.get_mut(&key(status, path)) {
+            Some(state) => {
+                state.suppressed += carried + 1;
+                state
+                    .since
+                    .get_or_insert((SystemTime::now(), Instant::now()));
+            }
+            None => self.others += carried + 1,
+        }
+    }
+
+    /// Forgets keys not mailed within the window; suppressed counts wait
+    /// `KEEP_WINDOWS` for their key, then move to `others`.
+    fn prune(&mut self, now: Instant) {
+        self.last_prune = now;
+        let window = self.window;
+        let keep = window.saturating_mul(KEEP_WINDOWS);
+        let mut folded = 0;
+        self.keys.retain(|_, k| {
+            let sent_recently = k.last_sent.is_some_and(|t| now.duration_since(t) < window);
+            let waiting = k.since.is_some_and(|(_, at)| now.duration_since(at) < keep);
+            if !sent_recently && !waiting {
+                folded += k.suppressed;
+                return false;
+            }
+            true
+        });
+        self.others += folded;
+    }
 }
+
+/// A message on its way, with what it accounts for.
+struct Outgoing {
+    message: Message,
+    kind: &'static str,
+    status: u16,
+    path: String,
+    carried: u64,
+    others: u64,
+}
+
+/// A message that did not go out: (kind, status, path, carried, others).
+type Undelivered = (&'static str, u16, String, u64, u64);
 
 async fn decide_loop(
     inner: Arc<Inner>,
     mut rx: broadcast::Receiver<Arc<Event>>,
-    tx: mpsc::Sender<Message>,
+    tx: mpsc::Sender<Outgoing>,
+    mut failed: mpsc::UnboundedReceiver<Undelivered>,
 ) {
-    let mut limiter = Limiter::new(inner.window, inner.max_per_window, Instant::now());
+    let now = Instant::now();
+    let mut admins = Limiter::new(inner.window, inner.max_per_window, now);
+    let mut managers = Limiter::new(inner.window, inner.max_per_window, now);
     loop {
-        let event = match rx.recv().await {
-            Ok(event) => event,
-            Err(broadcast::error::RecvError::Lagged(missed)) => {
-                inner.stats.dropped.fetch_add(missed, Ordering::Relaxed);
-                tracing::warn!(
-                    missed,
-                    "the mailer fell behind the event bus: events were not mailed"
-                );
+        let event = tokio::select! {
+            received = rx.recv() => match received {
+                Ok(event) => event,
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    inner.stats.dropped.fetch_add(missed, Ordering::Relaxed);
+                    tracing::warn!(
+                        missed,
+                        "the mailer fell behind the event bus: events were not mailed"
+                    );
+                    continue;
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+            Some((kind, status, path, carried, others)) = failed.recv() => {
+                let limiter = if kind == "broken_link" { &mut managers } else { &mut admins };
+                limiter.undelivered(status, &path, carried, others);
                 continue;
             }
-            Err(broadcast::error::RecvError::Closed) => return,
         };
-        let (kind, status, path, recipients) = match &event.data {
-            EventData::UpstreamError(e) if !inner.admins.is_empty() => {
-                ("upstream.error", e.status, e.path.as_str(), &inner.admins)
-            }
-            EventData::BrokenLink(b) if !inner.managers.is_empty() => {
-                ("broken_link", 404, b.path.as_str(), &inner.managers)
-            }
+        let (kind, status, path, recipients, limiter) = match &event.data {
+            EventData::UpstreamError(e) if !inner.admins.is_empty() => (
+                "upstream.error",
+                e.status,
+                e.path.as_str(),
+                &inner.admins,
+                &mut admins,
+            ),
+            EventData::BrokenLink(b) if !inner.managers.is_empty() => (
+                "broken_link",
+                404,
+                b.path.as_str(),
+                &inner.managers,
+                &mut managers,
+            ),
             _ => continue,
         };
-        let note = match limiter.decide(kind, status, path, Instant::now()) {
+        let (carried, others, note) = match limiter.decide(status, path, Instant::now()) {
             Decision::Suppress => {
                 inner.stats.suppressed.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -299,7 +375,11 @@ async fn decide_loop(
                 suppressed,
                 since,
                 others,
-            } => suppressed_note(suppressed, since, others, inner.window),
+            } => (
+                suppressed,
+                others,
+                suppressed_note(suppressed, since, others, inner.window),
+            ),
         };
         let (subject, body) = match &event.data {
             EventData::UpstreamError(e) => server_error_mail(&inner, &event, e),
@@ -316,25 +396,44 @@ async fn decide_loop(
             }
         };
         inner.outstanding.fetch_add(1, Ordering::AcqRel);
-        if tx.try_send(message).is_err() {
+        let outgoing = Outgoing {
+            message,
+            kind,
+            status,
+            path: path.to_owned(),
+            carried,
+            others,
+        };
+        if tx.try_send(outgoing).is_err() {
             finished(&inner);
+            limiter.undelivered(status, path, carried, others);
             let dropped = inner.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-            tracing::warn!(dropped, "the mail queue is full: an error mail was dropped");
+            tracing::warn!(
+                dropped,
+                "the mail queue is full: an error mail was dropped (the next one counts it)"
+            );
         }
     }
 }
 
-async fn send_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<Message>) {
-    while let Some(message) = rx.recv().await {
-        let subject = message
+async fn send_loop(
+    inner: Arc<Inner>,
+    mut rx: mpsc::Receiver<Outgoing>,
+    failed: mpsc::UnboundedSender<Undelivered>,
+) {
+    while let Some(outgoing) = rx.recv().await {
+        let subject = outgoing
+            .message
             .headers()
             .get_raw("Subject")
             .unwrap_or_default()
             .to_owned();
-        let sent = tokio::time::timeout(inner.timeout, inner.transport.send(message)).await;
-        match sent {
+        let sent =
+            tokio::time::timeout(inner.timeout, inner.transport.send(outgoing.message)).await;
+        let delivered = match sent {
             Ok(Ok(_)) => {
                 inner.stats.sent.fetch_add(1, Ordering::Relaxed);
+                true
             }
             Ok(Err(e)) => {
                 let failed = inner.stats.failed.fetch_add(1, Ordering::Relaxed) + 1;
@@ -344,12 +443,24 @@ async fn send_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<Message>) {
                     failed,
                     "could not send an error mail"
                 );
+                false
             }
             Err(_) => {
                 let failed = inner.stats.failed.fetch_add(1, Ordering::Relaxed) + 1;
                 let limit = humantime::format_duration(inner.timeout).to_string();
                 tracing::error!(subject, limit, failed, "sending an error mail timed out");
+                false
             }
+        };
+        if !delivered {
+            // What it would have reported is reported by the next one.
+            let _ = failed.send((
+                outgoing.kind,
+                outgoing.status,
+                outgoing.path,
+                outgoing.carried,
+                outgoing.others,
+            ));
         }
         finished(&inner);
     }
@@ -472,15 +583,16 @@ fn suppressed_note(
             .map(|t| format!(" since {}", humantime::format_rfc3339_seconds(t)))
             .unwrap_or_default();
         note.push_str(&format!(
-            "\n{suppressed} similar message{} (same kind, status and path) suppressed{since}: at most one per {}.\n",
+            "\n{suppressed} similar message{} (same status and path) not sent{since}: at most one per {} (and notify.email.max_per_window in all), or not delivered.\n",
             if suppressed == 1 { " was" } else { "s were" },
             humantime::format_duration(window)
         ));
     }
     if others > 0 {
         note.push_str(&format!(
-            "\n{others} other message{} suppressed by notify.email.max_per_window.\n",
-            if others == 1 { " was" } else { "s were" }
+            "\n{others} message{} for other statuses or paths {} not sent (rate limits, or mail that could not be delivered).\n",
+            if others == 1 { "" } else { "s" },
+            if others == 1 { "was" } else { "were" }
         ));
     }
     note
@@ -490,37 +602,27 @@ fn suppressed_note(
 mod tests {
     use super::*;
 
+    fn sends(d: Decision) -> bool {
+        matches!(d, Decision::Send { .. })
+    }
+
     #[test]
     fn one_message_per_key_per_window_then_the_count() {
         let t0 = Instant::now();
         let window = Duration::from_secs(600);
         let mut l = Limiter::new(window, 100, t0);
         assert!(matches!(
-            l.decide("upstream.error", 500, "/a", t0),
+            l.decide(500, "/a", t0),
             Decision::Send { suppressed: 0, .. }
         ));
         for _ in 0..3 {
-            assert_eq!(
-                l.decide("upstream.error", 500, "/a", t0),
-                Decision::Suppress
-            );
+            assert_eq!(l.decide(500, "/a", t0), Decision::Suppress);
         }
-        // Another status, path or kind is another key.
+        // Another status or path is another key.
+        assert!(sends(l.decide(502, "/a", t0)));
+        assert!(sends(l.decide(500, "/b", t0)));
         assert!(matches!(
-            l.decide("upstream.error", 502, "/a", t0),
-            Decision::Send { .. }
-        ));
-        assert!(matches!(
-            l.decide("upstream.error", 500, "/b", t0),
-            Decision::Send { .. }
-        ));
-        assert!(matches!(
-            l.decide("broken_link", 500, "/a", t0),
-            Decision::Send { .. }
-        ));
-        let later = t0 + window;
-        assert!(matches!(
-            l.decide("upstream.error", 500, "/a", later),
+            l.decide(500, "/a", t0 + window),
             Decision::Send {
                 suppressed: 3,
                 since: Some(_),
@@ -535,29 +637,61 @@ mod tests {
         let window = Duration::from_secs(60);
         let mut l = Limiter::new(window, 2, t0);
         let sent = (0..50)
-            .filter(|i| {
-                matches!(
-                    l.decide("broken_link", 404, &format!("/{i}"), t0),
-                    Decision::Send { .. }
-                )
-            })
+            .filter(|i| sends(l.decide(404, &format!("/{i}"), t0)))
             .count();
         assert_eq!(sent, 2);
         // Next window: a capped key sends, with its own count.
         assert!(matches!(
-            l.decide("broken_link", 404, "/7", t0 + window),
+            l.decide(404, "/7", t0 + window),
             Decision::Send { suppressed: 1, .. }
         ));
     }
 
     #[test]
-    fn the_key_table_is_bounded() {
+    fn the_key_table_is_bounded_and_recovers() {
         let t0 = Instant::now();
-        let mut l = Limiter::new(Duration::from_secs(60), u32::MAX, t0);
+        let window = Duration::from_secs(60);
+        let mut l = Limiter::new(window, 1, t0);
         for i in 0..MAX_KEYS + 10 {
-            l.decide("broken_link", 404, &format!("/{i}"), t0);
+            l.decide(404, &format!("/{i}"), t0);
         }
         assert_eq!(l.keys.len(), MAX_KEYS);
-        assert_eq!(l.uncounted, 10);
+        assert_eq!(l.others, 10);
+        // Suppressed keys wait a few windows for their key, then their
+        // counts are reported by whatever is sent next.
+        let later = t0 + window * (KEEP_WINDOWS + 1);
+        match l.decide(500, "/new", later) {
+            Decision::Send { others, .. } => assert_eq!(others, (MAX_KEYS + 10 - 1) as u64),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(l.keys.len(), 1);
+    }
+
+    #[test]
+    fn long_paths_share_a_bounded_key() {
+        let t0 = Instant::now();
+        let mut l = Limiter::new(Duration::from_secs(60), 100, t0);
+        let long = "/x".repeat(10_000);
+        assert!(sends(l.decide(404, &long, t0)));
+        assert_eq!(
+            l.decide(404, &format!("{long}/other"), t0),
+            Decision::Suppress
+        );
+        assert!(l.keys.keys().all(|(_, p)| p.len() <= MAX_KEY_PATH));
+    }
+
+    #[test]
+    fn an_undelivered_message_is_counted_by_the_next() {
+        let t0 = Instant::now();
+        let window = Duration::from_secs(60);
+        let mut l = Limiter::new(window, 100, t0);
+        assert!(sends(l.decide(500, "/a", t0)));
+        l.decide(500, "/a", t0);
+        // The first message carried 0 and failed: it and the one suppressed.
+        l.undelivered(500, "/a", 0, 0);
+        assert!(matches!(
+            l.decide(500, "/a", t0 + window),
+            Decision::Send { suppressed: 2, .. }
+        ));
     }
 }

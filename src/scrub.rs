@@ -37,6 +37,12 @@ impl Default for Scrubber {
     }
 }
 
+/// Secrets remembered per request, at most: a request with 50,000 cookies
+/// costs a bounded amount of work (its values are masked all the same).
+const MAX_SECRETS: usize = 64;
+/// Longest value remembered as a secret, in bytes.
+const MAX_SECRET_LEN: usize = 8 * 1024;
+
 /// Values masked while scrubbing one request, to be cut out of free text.
 #[derive(Debug, Default, Clone)]
 pub struct Secrets(Vec<String>);
@@ -45,14 +51,21 @@ impl Secrets {
     /// Remembers `value` (and its percent-decoded form) as a secret.
     pub fn add(&mut self, value: &str) {
         let value = value.trim();
-        if value.len() >= MIN_SECRET_LEN && !self.0.iter().any(|s| s == value) {
-            self.0.push(value.to_owned());
+        self.push(value);
+        if value.contains(['%', '+']) {
+            let decoded = percent_encoding::percent_decode_str(&value.replace('+', " "))
+                .decode_utf8_lossy()
+                .into_owned();
+            self.push(&decoded);
         }
-        let decoded = percent_encoding::percent_decode_str(&value.replace('+', " "))
-            .decode_utf8_lossy()
-            .into_owned();
-        if decoded != value && decoded.len() >= MIN_SECRET_LEN && !self.0.contains(&decoded) {
-            self.0.push(decoded);
+    }
+
+    fn push(&mut self, value: &str) {
+        if (MIN_SECRET_LEN..=MAX_SECRET_LEN).contains(&value.len())
+            && self.0.len() < MAX_SECRETS
+            && !self.0.iter().any(|s| s == value)
+        {
+            self.0.push(value.to_owned());
         }
     }
 
@@ -70,9 +83,39 @@ impl Secrets {
         text
     }
 
+    /// True when nothing was remembered.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     /// The longest remembered secret, in bytes.
     pub fn max_len(&self) -> usize {
         self.0.iter().map(String::len).max().unwrap_or(0)
+    }
+
+    /// Where to cut `bytes` to keep at most `limit` of them without keeping
+    /// part of a secret: a secret that straddles `limit` is dropped whole.
+    pub fn safe_cut(&self, bytes: &[u8], limit: usize) -> usize {
+        let mut cut = limit.min(bytes.len());
+        // Moving the cut back may put it inside another secret: again.
+        loop {
+            let before = cut;
+            for secret in &self.0 {
+                let needle = secret.as_bytes();
+                // Every match starting in this window straddles the cut.
+                let first = cut.saturating_sub(needle.len() - 1);
+                let end = (cut + needle.len() - 1).min(bytes.len());
+                if let Some(at) = bytes[first..end]
+                    .windows(needle.len())
+                    .position(|w| w == needle)
+                {
+                    cut = cut.min(first + at);
+                }
+            }
+            if cut == before {
+                return cut;
+            }
+        }
     }
 }
 
@@ -104,7 +147,11 @@ impl Scrubber {
             let masked = name == http::header::COOKIE
                 || name == http::header::SET_COOKIE
                 || self.is_sensitive(name.as_str());
-            let shown = if masked {
+            let shown = if !masked && text.contains(['?', '#', '@']) {
+                // A URL in any header (Referer, Origin, X-Original-URL):
+                // its password and sensitive parameters are masked too.
+                std::borrow::Cow::Owned(self.url(&text, secrets))
+            } else if masked {
                 secrets.add(&text);
                 if name == http::header::COOKIE {
                     for pair in text.split(';') {
@@ -305,6 +352,58 @@ mod tests {
             secrets.redact("token abcd1234, session s3ss10n, dk"),
             format!("token {MASK}, session {MASK}, dk")
         );
+    }
+
+    #[test]
+    fn urls_in_any_header_are_scrubbed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "referer",
+            HeaderValue::from_static("https://u:pw-1234@app.example/p?q=1&token=tk-5678#x"),
+        );
+        h.insert(
+            "x-original-url",
+            HeaderValue::from_static("/p?api_key=k-9999"),
+        );
+        let mut secrets = Secrets::default();
+        let out = Scrubber::default().headers(&h, &mut secrets);
+        assert_eq!(
+            out["referer"],
+            format!("https://u:{MASK}@app.example/p?q=1&token={MASK}#x")
+        );
+        assert_eq!(out["x-original-url"], format!("/p?api_key={MASK}"));
+        assert_eq!(
+            secrets.redact("pw-1234 tk-5678 k-9999"),
+            format!("{MASK} {MASK} {MASK}")
+        );
+    }
+
+    #[test]
+    fn a_flood_of_cookies_costs_a_bounded_amount() {
+        let cookie: String = (0..50_000).map(|i| format!("c{i}=value-{i}; ")).collect();
+        let mut h = HeaderMap::new();
+        h.insert("cookie", HeaderValue::from_str(&cookie).unwrap());
+        let mut secrets = Secrets::default();
+        let started = std::time::Instant::now();
+        let out = Scrubber::default().headers(&h, &mut secrets);
+        assert_eq!(out["cookie"], MASK);
+        assert_eq!(secrets.0.len(), MAX_SECRETS);
+        // Not a timing test: a quadratic scan takes seconds, this is linear.
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    }
+
+    #[test]
+    fn cuts_never_fall_inside_a_secret() {
+        let mut secrets = Secrets::default();
+        secrets.add("AAAA-BBBB");
+        secrets.add("BBBB-CCCC");
+        let text = b"x AAAA-BBBB-CCCC y";
+        // A cut inside the second moves before it, which is inside the
+        // first: before that too.
+        assert_eq!(secrets.safe_cut(text, 14), 2);
+        assert_eq!(secrets.safe_cut(text, 2), 2);
+        assert_eq!(secrets.safe_cut(text, 16), 16);
+        assert_eq!(secrets.safe_cut(text, 100), text.len());
     }
 
     #[test]

@@ -96,20 +96,15 @@ async fn app_errors_are_events_with_scrubbed_request_details_and_body() {
     assert_eq!(data["headers"]["authorization"], MASK);
     assert_eq!(data["headers"]["cookie"], MASK);
     assert_eq!(data["headers"]["user-agent"], "test-agent/1.0");
-    // The first 66 bytes of the page, with the request's secrets cut out,
-    // even the one the cut falls in the middle of.
+    // At most the first 66 bytes of the page; the cut falls inside a secret,
+    // so the preview ends before it.
     let body = data["body"].as_str().unwrap();
     let start = page.find("Bearer T0KEN-0001").unwrap();
     assert!(
         start < 66 && 66 < start + 17,
         "the cut is not inside the secret: {page}"
     );
-    let expected: String = page
-        .replace("Bearer T0KEN-0001", MASK)
-        .chars()
-        .take(66)
-        .collect();
-    assert_eq!(body, expected);
+    assert_eq!(body, &page[..start]);
     let text = event.to_string();
     for secret in ["K3Y-0001", "T0KEN-0001", "C00KIE-0001"] {
         assert!(!text.contains(secret), "{secret} in {text}");
@@ -221,7 +216,10 @@ async fn server_errors_are_mailed_to_admins() {
     }
     let raw = mail["raw"].as_str().unwrap();
     for secret in ["PW-0003", "QWxhZGRpbjpPcGVuU2VzYW1l", "C00KIE-0003"] {
-        assert!(!raw.contains(secret), "{secret} in:\n{raw}");
+        assert!(
+            !raw.contains(secret) && !body.contains(secret),
+            "{secret} in:\n{raw}"
+        );
     }
     // A proxy failure says so.
     let down = common::closed_port();
@@ -517,6 +515,7 @@ async fn no_secret_from_a_request_reaches_any_output() {
         "S3CRET-REPORT-2",
         "S3CRET-REPORT-3",
         "S3CRET-SESSION-1",
+        "S3CRET-REFERER-2",
     ];
 
     // A server error whose page echoes the request.
@@ -527,6 +526,11 @@ async fn no_secret_from_a_request_reaches_any_output() {
             ("authorization", "Bearer S3CRET-HEADER-1"),
             ("x-api-key", "S3CRET-HEADER-2"),
             ("cookie", "csrftoken=S3CRET-COOKIE-1"),
+            (
+                "referer",
+                "https://app.example/login?next=/&password=S3CRET-REFERER-2",
+            ),
+            ("x-original-url", "/echo-status/500?api_key=S3CRET-QUERY-1"),
         ],
     )
     .await;
@@ -577,7 +581,16 @@ async fn no_secret_from_a_request_reaches_any_output() {
         ("stderr".into(), sidecar.stderr.all().join("\n")),
     ];
     for mail in smtp.messages() {
+        // Raw (quoted-printable can hide text) and decoded.
         outputs.push(("mail".into(), mail["raw"].as_str().unwrap().to_owned()));
+        outputs.push((
+            "mail subject".into(),
+            mail["subject"].as_str().unwrap().to_owned(),
+        ));
+        outputs.push((
+            "mail body".into(),
+            mail["body"].as_str().unwrap().to_owned(),
+        ));
     }
     for hook in &hooked {
         outputs.push(("hook body".into(), hook.body.clone()));
