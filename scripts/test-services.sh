@@ -3,7 +3,7 @@
 # PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379, with the role the
 # PostgreSQL tests log in as (password auth from 127.0.0.1, so a wrong
 # password really fails), Debian's Chromium for the browser test, and Debian's
-# aiosmtpd for the mail tests.
+# aiosmtpd for the mail tests, and promtool for the metrics test.
 # Idempotent; installs with apt-get when root.
 set -euo pipefail
 
@@ -73,4 +73,6 @@ command -v chromium >/dev/null || { log "installing Chromium"; apt_install chrom
 # --- an SMTP server (tests/mail.rs runs tests/smtp_server.py with it) ----------
 # Debian's python3 and its aiosmtpd: /usr/bin/python3, whatever python3 is first on PATH.
 /usr/bin/python3 -c 'import aiosmtpd' >/dev/null 2>&1 || { log "installing aiosmtpd"; apt_install python3 python3-aiosmtpd; }
-log "PostgreSQL, Redis, Chromium and aiosmtpd are ready"
+# --- promtool (tests/metrics.rs checks /metrics with it) ---------------------
+command -v promtool >/dev/null || { log "installing promtool (Debian's prometheus)"; apt_install prometheus; }
+log "PostgreSQL, Redis, Chromium, aiosmtpd and promtool are ready"

@@ -16,6 +16,8 @@ use crate::mozlog::RequestSummary;
 /// not mistaken for a slow app.
 pub struct RequestBody {
     inner: Incoming,
+    /// Counts the bytes received.
+    received: prometheus::IntCounter,
     /// Fired (or dropped) when the body ends; `None` once done.
     sent: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -23,14 +25,24 @@ pub struct RequestBody {
 impl RequestBody {
     /// Wraps `inner`; the returned receiver resolves when it has been sent
     /// (or abandoned). An already-empty body resolves at once.
-    pub fn new(inner: Incoming) -> (RequestBody, tokio::sync::oneshot::Receiver<()>) {
+    pub fn new(
+        inner: Incoming,
+        received: prometheus::IntCounter,
+    ) -> (RequestBody, tokio::sync::oneshot::Receiver<()>) {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let sent = if inner.is_end_stream() {
             None
         } else {
             Some(tx)
         };
-        (RequestBody { inner, sent }, rx)
+        (
+            RequestBody {
+                inner,
+                received,
+                sent,
+            },
+            rx,
+        )
     }
 }
 
@@ -44,6 +56,11 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                this.received.inc_by(data.len() as u64);
+            }
+        }
         if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_))))
             || this.inner.is_end_stream()
         {
@@ -133,7 +150,13 @@ impl Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
         match &mut this.inner {
-            Inner::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Inner::Full(bytes) => {
+                let bytes = bytes.take();
+                if let (Some(summary), Some(b)) = (this.summary.as_mut(), &bytes) {
+                    summary.add_sent(b.len());
+                }
+                Poll::Ready(bytes.map(|b| Ok(Frame::data(b))))
+            }
             Inner::Upstream(body) => {
                 let polled = Pin::new(body).poll_frame(cx);
                 match &polled {
@@ -143,6 +166,11 @@ impl Body for ResponseBody {
                         }
                     }
                     Poll::Ready(Some(Ok(frame))) => {
+                        if let (Some(summary), Some(data)) =
+                            (this.summary.as_mut(), frame.data_ref())
+                        {
+                            summary.add_sent(data.len());
+                        }
                         if let (Some(capture), Some(data)) =
                             (this.capture.as_mut(), frame.data_ref())
                         {

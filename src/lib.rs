@@ -3,6 +3,7 @@
 //!
 //! [`run`] is what the binary starts; see ARCHITECTURE.md for the map.
 
+pub mod admin;
 pub mod body;
 pub mod checks;
 pub mod config;
@@ -11,6 +12,7 @@ pub mod error_reports;
 pub mod events;
 pub mod hooks;
 pub mod mail;
+pub mod metrics;
 pub mod mozlog;
 pub mod proxy;
 pub mod reports;
@@ -75,6 +77,8 @@ pub struct App {
     pub mail: Arc<mail::Mailer>,
     /// Masks secrets in everything that leaves the sidecar.
     pub scrubber: Arc<scrub::Scrubber>,
+    /// Every Prometheus metric.
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 impl App {
@@ -84,22 +88,31 @@ impl App {
     pub fn new(config: Config, logger: Arc<Logger>) -> Result<App, String> {
         let shutdown = Shutdown::default();
         let bus = Bus::default();
+        let metrics = Arc::new(metrics::Metrics::new());
         let scrubber = Arc::new(scrub::Scrubber::new(&config.errors.sensitive_patterns())?);
         let errors = error_reports::ErrorReports::new(&config, scrubber.clone(), bus.clone())?;
-        let proxy = Proxy::new(&config, shutdown.tracker().clone(), errors);
+        let proxy = Proxy::new(&config, shutdown.tracker().clone(), errors, metrics.clone());
         let heartbeat = Heartbeat::new(
             Registry::from_config(&config)?,
             &config.heartbeat,
             bus.clone(),
+            metrics.clone(),
         );
-        let reports = reports::Intake::new(&config, bus.clone(), logger.clone(), scrubber.clone())?;
-        let hooks = Arc::new(hooks::Hooks::new(&config)?);
-        let mail = Arc::new(mail::Mailer::new(&config)?);
+        let reports = reports::Intake::new(
+            &config,
+            bus.clone(),
+            logger.clone(),
+            scrubber.clone(),
+            metrics.clone(),
+        )?;
+        let hooks = Arc::new(hooks::Hooks::new(&config, metrics.clone())?);
+        let mail = Arc::new(mail::Mailer::new(&config, metrics.clone())?);
         Ok(App {
             reports,
             hooks,
             mail,
             scrubber,
+            metrics,
             rid_header: config.logging.request_id_header.name.clone(),
             config,
             logger,
@@ -174,6 +187,10 @@ pub async fn serve(
     signal: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
+    // Before `listening`: once that line is out, every listener is up.
+    if let Some(admin) = admin::start(&app).await? {
+        tracing::info!(addr = %admin, "admin listening");
+    }
     tracing::info!(
         addr = %addr,
         upstream = %app.config.upstream.url,

@@ -57,6 +57,7 @@ struct Inner {
     timeout: Duration,
     transport: AsyncSmtpTransport<Tokio1Executor>,
     stats: MailStats,
+    metrics: Arc<crate::metrics::Metrics>,
     /// Messages queued or being sent.
     outstanding: AtomicUsize,
     idle: Notify,
@@ -65,7 +66,7 @@ struct Inner {
 
 impl Mailer {
     /// Prepares the SMTP client of `config.notify.email` (no connection yet).
-    pub fn new(config: &Config) -> Result<Mailer, String> {
+    pub fn new(config: &Config, metrics: Arc<crate::metrics::Metrics>) -> Result<Mailer, String> {
         let email = &config.notify.email;
         if !email.enabled() {
             return Ok(Mailer {
@@ -97,6 +98,7 @@ impl Mailer {
                 timeout: email.timeout,
                 transport: transport(email)?,
                 stats: MailStats::default(),
+                metrics,
                 outstanding: AtomicUsize::new(0),
                 idle: Notify::new(),
                 signature: format!(
@@ -334,7 +336,7 @@ async fn decide_loop(
             received = rx.recv() => match received {
                 Ok(event) => event,
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
-                    inner.stats.dropped.fetch_add(missed, Ordering::Relaxed);
+                    inner.count("dropped", missed);
                     tracing::warn!(
                         missed,
                         "the mailer fell behind the event bus: events were not mailed"
@@ -368,7 +370,7 @@ async fn decide_loop(
         };
         let (carried, others, note) = match limiter.decide(status, path, Instant::now()) {
             Decision::Suppress => {
-                inner.stats.suppressed.fetch_add(1, Ordering::Relaxed);
+                inner.count("suppressed", 1);
                 continue;
             }
             Decision::Send {
@@ -390,7 +392,7 @@ async fn decide_loop(
         let message = match build(&inner, recipients, &subject, body) {
             Ok(message) => message,
             Err(e) => {
-                inner.stats.failed.fetch_add(1, Ordering::Relaxed);
+                inner.count("failed", 1);
                 tracing::error!(error = %e, "could not build an error mail");
                 continue;
             }
@@ -407,7 +409,7 @@ async fn decide_loop(
         if tx.try_send(outgoing).is_err() {
             finished(&inner);
             limiter.undelivered(status, path, carried, others);
-            let dropped = inner.stats.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            let dropped = inner.count("dropped", 1);
             tracing::warn!(
                 dropped,
                 "the mail queue is full: an error mail was dropped (the next one counts it)"
@@ -432,11 +434,11 @@ async fn send_loop(
             tokio::time::timeout(inner.timeout, inner.transport.send(outgoing.message)).await;
         let delivered = match sent {
             Ok(Ok(_)) => {
-                inner.stats.sent.fetch_add(1, Ordering::Relaxed);
+                inner.count("sent", 1);
                 true
             }
             Ok(Err(e)) => {
-                let failed = inner.stats.failed.fetch_add(1, Ordering::Relaxed) + 1;
+                let failed = inner.count("failed", 1);
                 tracing::error!(
                     error = %crate::error_chain(&e),
                     subject,
@@ -446,7 +448,7 @@ async fn send_loop(
                 false
             }
             Err(_) => {
-                let failed = inner.stats.failed.fetch_add(1, Ordering::Relaxed) + 1;
+                let failed = inner.count("failed", 1);
                 let limit = humantime::format_duration(inner.timeout).to_string();
                 tracing::error!(subject, limit, failed, "sending an error mail timed out");
                 false
@@ -463,6 +465,20 @@ async fn send_loop(
             ));
         }
         finished(&inner);
+    }
+}
+
+impl Inner {
+    /// Counts `n` messages with `outcome`; returns the new total.
+    fn count(&self, outcome: &str, n: u64) -> u64 {
+        self.metrics.mail(outcome, n);
+        let counter = match outcome {
+            "sent" => &self.stats.sent,
+            "suppressed" => &self.stats.suppressed,
+            "failed" => &self.stats.failed,
+            _ => &self.stats.dropped,
+        };
+        counter.fetch_add(n, Ordering::Relaxed) + n
     }
 }
 

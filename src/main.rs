@@ -445,7 +445,8 @@ fn hooks(config: &Config, command: HooksCommand) -> ExitCode {
                 Err(e) => return fail(e.to_string()),
             };
             let sent = runtime.block_on(async {
-                let hooks = dockerflow_sidecar::hooks::Hooks::new(config)?;
+                // Counted nowhere: this process serves no /metrics.
+                let hooks = dockerflow_sidecar::hooks::Hooks::new(config, Default::default())?;
                 hooks.send_now(ids).await
             });
             match sent {

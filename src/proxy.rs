@@ -16,6 +16,7 @@ use crate::body::{RequestBody, ResponseBody};
 use crate::config::Config;
 use crate::error_chain;
 use crate::error_reports::ErrorReports;
+use crate::metrics::Metrics;
 use crate::mozlog::RequestSummary;
 use crate::upstream::{self, UpstreamClient};
 
@@ -36,6 +37,7 @@ pub struct Proxy {
     tunnels: TaskTracker,
     /// Turns error responses into `upstream.error` and `broken_link` events.
     errors: ErrorReports,
+    metrics: Arc<Metrics>,
 }
 
 /// Marks a response the proxy made itself because forwarding failed.
@@ -59,16 +61,23 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 impl Proxy {
     /// A proxy for `config.upstream`, tracking tunnels in `tunnels` and
     /// reporting error responses through `errors`.
-    pub fn new(config: &Config, tunnels: TaskTracker, errors: ErrorReports) -> Proxy {
+    pub fn new(
+        config: &Config,
+        tunnels: TaskTracker,
+        errors: ErrorReports,
+        metrics: Arc<Metrics>,
+    ) -> Proxy {
+        let open = &metrics.upstream_connections;
         Proxy {
-            client: upstream::client(&config.upstream),
-            copies: upstream::client(&config.upstream),
+            client: upstream::client(&config.upstream, open.clone()),
+            copies: upstream::client(&config.upstream, open.clone()),
             copy_slots: Arc::new(tokio::sync::Semaphore::new(COPIES_IN_FLIGHT)),
             authority: upstream::authority(&config.upstream.url),
             rid_header: config.logging.request_id_header.name.clone(),
             response_header_timeout: config.upstream.response_header_timeout,
             tunnels,
             errors,
+            metrics,
         }
     }
 
@@ -124,11 +133,12 @@ impl Proxy {
         headers.insert(self.rid_header.clone(), rid.clone());
 
         let (parts, body) = req.into_parts();
-        let (body, body_sent) = RequestBody::new(body);
+        let (body, body_sent) = RequestBody::new(body, self.metrics.request_bytes.clone());
         let mut resp = match self.send(Request::from_parts(parts, body), body_sent).await {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) => {
                 let (status, text) = if e.is_connect() {
+                    self.metrics.upstream_connect_errors.inc();
                     (StatusCode::BAD_GATEWAY, "upstream unreachable")
                 } else if client_body_failed(&e) {
                     (StatusCode::BAD_REQUEST, "bad request body")
@@ -139,6 +149,7 @@ impl Proxy {
                 return self.error_response(status, text, rid, summary);
             }
             Err(_) => {
+                self.metrics.upstream_timeouts.inc();
                 let limit = humantime::format_duration(self.response_header_timeout);
                 let status = StatusCode::GATEWAY_TIMEOUT;
                 summary.fail(
@@ -164,8 +175,9 @@ impl Proxy {
             (Some(client_side), Some(protocol)) => {
                 restore_upgrade(resp.headers_mut(), protocol);
                 let upstream_side = hyper::upgrade::on(&mut resp);
+                let open = crate::server::GaugeGuard::new(&self.metrics.open_tunnels);
                 self.tunnels
-                    .spawn(tunnel(client_side, upstream_side, summary));
+                    .spawn(tunnel(client_side, upstream_side, summary, open));
                 resp.map(|_| ResponseBody::empty())
             }
             // RFC 9110 §15.2.2: a 101 must name the protocol, and only one
@@ -288,8 +300,10 @@ async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     summary: RequestSummary,
+    open: crate::server::GaugeGuard,
 ) {
     let _summary = summary;
+    let _open = open;
     match tokio::try_join!(client, upstream) {
         Ok((client, upstream)) => {
             let mut client = TokioIo::new(client);

@@ -12,6 +12,7 @@ use hyper::body::Incoming;
 
 use crate::body::ResponseBody;
 use crate::dockerflow;
+use crate::metrics::RouteClass;
 use crate::mozlog::RequestSummary;
 use crate::App;
 
@@ -67,8 +68,9 @@ pub async fn handle(
 ) -> Result<Response<ResponseBody>, Infallible> {
     let start = Instant::now();
     let rid = request_id(&app, &req);
-    let summary = RequestSummary::start(
+    let mut summary = RequestSummary::start(
         app.logger.clone(),
+        app.metrics.clone(),
         start,
         req.method(),
         req.uri(),
@@ -81,6 +83,11 @@ pub async fn handle(
         Route::Proxy if app.reports.matches(req.uri().path()) => Route::Report,
         route => route,
     };
+    summary.set_route(match route {
+        Route::Proxy => RouteClass::Proxy,
+        Route::Report => RouteClass::Report,
+        _ => RouteClass::Dockerflow,
+    });
     if req.method() == Method::CONNECT {
         // The destination is only ever the configured upstream.
         let resp = dockerflow::text(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported");

@@ -24,7 +24,13 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, signal: impl Future<Out
 
     accept_until(&app, &listener, &builder, &mut signal).await;
 
-    let drain = app.config.shutdown.drain;
+    // A `POST /drain` (a preStop hook) may have started the drain already:
+    // only what is left of it is waited for.
+    let drain = app
+        .config
+        .shutdown
+        .drain
+        .saturating_sub(app.shutdown.draining_for());
     app.shutdown.start_draining();
     tracing::info!(drain = %humantime::format_duration(drain), "draining: health routes answer 503, traffic still served");
     accept_until(&app, &listener, &builder, tokio::time::sleep(drain)).await;
@@ -98,6 +104,7 @@ fn spawn_connection(
 ) {
     let tracker = app.shutdown.tracker().clone();
     tracker.spawn(async move {
+        let _open = GaugeGuard::new(&app.metrics.open_connections);
         let _ = stream.set_nodelay(true);
         let service_app = app.clone();
         let service = service_fn(move |req| router::handle(service_app.clone(), peer, req));
@@ -116,6 +123,23 @@ fn spawn_connection(
     });
 }
 
+/// Holds a gauge one higher while it lives.
+pub(crate) struct GaugeGuard(prometheus::IntGauge);
+
+impl GaugeGuard {
+    /// Increments `gauge` until dropped.
+    pub(crate) fn new(gauge: &prometheus::IntGauge) -> GaugeGuard {
+        gauge.inc();
+        GaugeGuard(gauge.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// A connection error that hyper answered itself (a request it could not
 /// parse gets 400, or 431 for oversized headers) still gets its
 /// request.summary line; anything else is a debug message.
@@ -125,6 +149,7 @@ fn log_connection_error(app: &App, peer: SocketAddr, error: &(dyn std::error::Er
             let code = if e.is_parse_too_large() { 431 } else { 400 };
             drop(RequestSummary::unparsed(
                 app.logger.clone(),
+                app.metrics.clone(),
                 code,
                 format!("malformed request from {peer}: {e}"),
             ));

@@ -12,6 +12,8 @@ use tokio_util::task::TaskTracker;
 pub struct Shutdown {
     /// Set when the first signal arrives; health routes answer 503.
     draining: AtomicBool,
+    /// When draining started (a signal, or `POST /drain` before it).
+    drain_started: std::sync::OnceLock<std::time::Instant>,
     /// Cancelled when the drain period is over: connections finish their
     /// in-flight request and close.
     stop: CancellationToken,
@@ -25,9 +27,17 @@ impl Shutdown {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// Starts draining.
+    /// Starts draining (again is a no-op: the first start counts).
     pub fn start_draining(&self) {
+        self.drain_started.get_or_init(std::time::Instant::now);
         self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// How long draining has been going on (zero when it has not started).
+    pub fn draining_for(&self) -> std::time::Duration {
+        self.drain_started
+            .get()
+            .map_or(std::time::Duration::ZERO, |t| t.elapsed())
     }
 
     /// Asks every connection to close once its in-flight work is done.

@@ -21,7 +21,7 @@ use crate::config::{UpstreamConfig, UpstreamUrl};
 pub type UpstreamClient<B> = Client<UpstreamConnector, B>;
 
 /// Builds a pooled client for the configured upstream.
-pub fn client<B>(config: &UpstreamConfig) -> UpstreamClient<B>
+pub fn client<B>(config: &UpstreamConfig, open: prometheus::IntGauge) -> UpstreamClient<B>
 where
     B: http_body::Body + Send + 'static,
     B::Data: Send,
@@ -33,7 +33,13 @@ where
         .pool_max_idle_per_host(config.pool_max_idle)
         // Host is the client's, carried through by the proxy; never rewrite it.
         .set_host(false)
-        .build(UpstreamConnector::new(config))
+        .build(UpstreamConnector::new(config, open))
+}
+
+/// A gauge no registry exports, for clients whose connections are not
+/// the proxy's (the heartbeat's upstream check).
+pub fn uncounted() -> prometheus::IntGauge {
+    prometheus::IntGauge::new("uncounted", "not exported").expect("valid gauge")
 }
 
 /// The authority used in request URIs sent through the client. For a Unix
@@ -50,6 +56,8 @@ pub fn authority(url: &UpstreamUrl) -> http::uri::Authority {
 pub struct UpstreamConnector {
     target: Target,
     connect_timeout: Duration,
+    /// Connections open now (the pool's size, in use or idle).
+    open: prometheus::IntGauge,
 }
 
 #[derive(Clone)]
@@ -59,7 +67,7 @@ enum Target {
 }
 
 impl UpstreamConnector {
-    fn new(config: &UpstreamConfig) -> Self {
+    fn new(config: &UpstreamConfig, open: prometheus::IntGauge) -> Self {
         let target = match &config.url {
             UpstreamUrl::Http { authority } => Target::Tcp(Arc::from(authority.as_str())),
             UpstreamUrl::Unix { path } => Target::Unix(Arc::new(path.clone())),
@@ -67,6 +75,7 @@ impl UpstreamConnector {
         UpstreamConnector {
             target,
             connect_timeout: config.connect_timeout,
+            open,
         }
     }
 }
@@ -83,21 +92,25 @@ impl tower_service::Service<Uri> for UpstreamConnector {
     fn call(&mut self, _uri: Uri) -> Self::Future {
         let target = self.target.clone();
         let limit = self.connect_timeout;
+        let open = self.open.clone();
         Box::pin(async move {
             let connect = async {
                 match &target {
                     Target::Tcp(addr) => {
                         let stream = TcpStream::connect(&**addr).await?;
                         stream.set_nodelay(true)?;
-                        Ok(UpstreamStream::Tcp(stream))
+                        Ok(Stream::Tcp(stream))
                     }
-                    Target::Unix(path) => {
-                        Ok(UpstreamStream::Unix(UnixStream::connect(&**path).await?))
-                    }
+                    Target::Unix(path) => Ok(Stream::Unix(UnixStream::connect(&**path).await?)),
                 }
             };
             match tokio::time::timeout(limit, connect).await {
-                Ok(result) => result.map(TokioIo::new),
+                Ok(result) => result.map(|inner| {
+                    TokioIo::new(UpstreamStream {
+                        inner,
+                        _open: crate::server::GaugeGuard::new(&open),
+                    })
+                }),
                 Err(_) => Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!(
@@ -110,8 +123,14 @@ impl tower_service::Service<Uri> for UpstreamConnector {
     }
 }
 
-/// A connection to the upstream.
-pub enum UpstreamStream {
+/// A connection to the upstream, counted while open.
+pub struct UpstreamStream {
+    inner: Stream,
+    _open: crate::server::GaugeGuard,
+}
+
+/// The transport of an upstream connection.
+pub enum Stream {
     /// TCP, with TCP_NODELAY.
     Tcp(TcpStream),
     /// A Unix domain socket.
@@ -130,9 +149,9 @@ impl AsyncRead for UpstreamStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            UpstreamStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        match &mut self.get_mut().inner {
+            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -143,9 +162,9 @@ impl AsyncWrite for UpstreamStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            UpstreamStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        match &mut self.get_mut().inner {
+            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -154,9 +173,9 @@ impl AsyncWrite for UpstreamStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamStream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            UpstreamStream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        match &mut self.get_mut().inner {
+            Stream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -165,16 +184,16 @@ impl AsyncWrite for UpstreamStream {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Tcp(s) => Pin::new(s).poll_flush(cx),
-            UpstreamStream::Unix(s) => Pin::new(s).poll_flush(cx),
+        match &mut self.get_mut().inner {
+            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            UpstreamStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        match &mut self.get_mut().inner {
+            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }

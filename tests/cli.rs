@@ -10,7 +10,8 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     cmd.args(args)
         .env_remove("PORT")
         .env_remove("DOCKERFLOW_CONFIG")
-        .env_remove("DOCKERFLOW_UPSTREAM__URL");
+        .env_remove("DOCKERFLOW_UPSTREAM__URL")
+        .env("DOCKERFLOW_ADMIN__LISTEN", "127.0.0.1:0");
     for (k, v) in env {
         cmd.env(k, v);
     }

@@ -18,6 +18,7 @@ use tokio::sync::broadcast::Receiver;
 /// no cache, and a subscription to its bus.
 fn heartbeat_on(app: &Upstream, level: CheckLevel) -> (Heartbeat, Receiver<Arc<Event>>) {
     let mut config = Config::default();
+    config.admin.enabled = false;
     config.upstream.url = UpstreamUrl::try_from(app.url()).unwrap();
     config.heartbeat.cache_ttl = Duration::ZERO;
     config.heartbeat.checks = vec![CheckConfig {
@@ -31,6 +32,7 @@ fn heartbeat_on(app: &Upstream, level: CheckLevel) -> (Heartbeat, Receiver<Arc<E
         Registry::from_config(&config).unwrap(),
         &config.heartbeat,
         bus,
+        Default::default(),
     );
     (heartbeat, events)
 }

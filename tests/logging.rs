@@ -198,6 +198,7 @@ async fn text_format_for_local_development() {
         .env("DOCKERFLOW_LISTEN", format!("127.0.0.1:{port}"))
         .env("DOCKERFLOW_LOGGING__FORMAT", "text")
         .env("DOCKERFLOW_SHUTDOWN__DRAIN", "0s")
+        .env("DOCKERFLOW_ADMIN__ENABLED", "false")
         .env_remove("DOCKERFLOW_CONFIG")
         .env_remove("PORT")
         .stdout(std::process::Stdio::piped())

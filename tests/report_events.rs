@@ -14,6 +14,7 @@ use dockerflow_sidecar::App;
 async fn accepted_reports_are_published_and_noise_is_not() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config::default();
+    config.admin.enabled = false;
     config.upstream.url = UpstreamUrl::try_from("http://127.0.0.1:9".to_owned()).unwrap();
     config.state.path = dir.path().join("state.db");
     config.shutdown.drain = std::time::Duration::ZERO;

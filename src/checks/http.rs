@@ -45,7 +45,7 @@ impl HttpCheck {
             .build()
             .unwrap_or_else(|_| Uri::from_static("/"));
         HttpCheck {
-            client: HttpClient::Upstream(upstream::client(&config.upstream)),
+            client: HttpClient::Upstream(upstream::client(&config.upstream, upstream::uncounted())),
             host: HeaderValue::from_str(authority.as_str()).ok(),
             uri,
             target: format!("{}{}", config.upstream.url, path.as_str()),
@@ -205,6 +205,8 @@ fn parse_heartbeat(body: &[u8]) -> Option<Vec<CheckResult>> {
                 name: name.clone(),
                 messages,
                 bare_level,
+                // The check that merged it sets how long it took.
+                duration: std::time::Duration::ZERO,
             }
         })
         .collect();

@@ -98,6 +98,8 @@ pub struct CheckResult {
     /// A level reported without messages (a merged check that only gave
     /// its status).
     pub bare_level: Level,
+    /// How long the check took (a merged check: the check that brought it).
+    pub duration: Duration,
 }
 
 impl CheckResult {
@@ -216,28 +218,32 @@ impl Registry {
     /// that outlives it reports `sidecar.E003` at its level.
     pub async fn run_all(&self) -> Report {
         let runs = self.entries.iter().map(|entry| async move {
-            match tokio::time::timeout(entry.timeout, entry.check.run()).await {
-                Ok(outcome) => (entry, outcome),
+            let started = std::time::Instant::now();
+            let outcome = match tokio::time::timeout(entry.timeout, entry.check.run()).await {
+                Ok(outcome) => outcome,
                 Err(_) => {
                     let text = format!(
                         "timed out after {}",
                         humantime::format_duration(entry.timeout)
                     );
-                    (entry, Outcome::fail("sidecar.E003", entry.level, text))
+                    Outcome::fail("sidecar.E003", entry.level, text)
                 }
-            }
+            };
+            (entry, outcome, started.elapsed())
         });
         let outcomes = futures_util::future::join_all(runs).await;
 
         let mut names: HashSet<String> = self.entries.iter().map(|e| e.name.clone()).collect();
         let mut results = Vec::new();
-        for (entry, outcome) in outcomes {
+        for (entry, outcome, duration) in outcomes {
             results.push(self.silence(CheckResult {
                 name: entry.name.clone(),
                 messages: outcome.messages,
                 bare_level: Level::OK,
+                duration,
             }));
             for mut merged in outcome.merged {
+                merged.duration = duration;
                 // Keep the target's own names unless one is already taken.
                 if !names.insert(merged.name.clone()) {
                     merged.name = format!("{}.{}", entry.name, merged.name);

@@ -74,6 +74,47 @@ pub struct Config {
     pub errors: ErrorsConfig,
     /// Mail to admins and managers.
     pub notify: NotifyConfig,
+    /// The admin listener: metrics, readiness, drain.
+    pub admin: AdminConfig,
+}
+
+/// The admin listener (never proxied).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Serve the admin routes at all.
+    pub enabled: bool,
+    /// Where: `/metrics`, `/__heartbeat__` (full), `/ready`, `POST /drain`.
+    pub listen: SocketAddr,
+    /// A bearer token every admin request must carry; empty: none.
+    pub token: String,
+    /// A file holding the token (a mounted Kubernetes secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            enabled: true,
+            listen: SocketAddr::from(([0, 0, 0, 0], 9102)),
+            token: String::new(),
+            token_file: None,
+        }
+    }
+}
+
+impl AdminConfig {
+    /// The token, from `token` or `token_file`; `None` when neither is set.
+    pub fn token(&self) -> Result<Option<String>, String> {
+        match &self.token_file {
+            Some(path) => std::fs::read_to_string(path)
+                .map(|t| Some(t.trim().to_owned()))
+                .map_err(|e| format!("admin.token_file: cannot read `{}`: {e}", path.display())),
+            None if self.token.is_empty() => Ok(None),
+            None => Ok(Some(self.token.clone())),
+        }
+    }
 }
 
 /// Where and how requests are forwarded.
@@ -189,6 +230,7 @@ impl Default for Config {
             state: StateConfig::default(),
             errors: ErrorsConfig::default(),
             notify: NotifyConfig::default(),
+            admin: AdminConfig::default(),
         }
     }
 }
@@ -311,6 +353,20 @@ impl Config {
             ));
         }
 
+        if let Err(reason) = config.admin.token() {
+            return Err(ConfigError::from_items(
+                "admin",
+                "",
+                "admin",
+                &[],
+                vec![error::ItemProblem {
+                    index: usize::MAX,
+                    key: "token_file",
+                    reason,
+                }],
+                file.as_deref(),
+            ));
+        }
         for (table, problems) in [
             ("errors", errors::validate_errors(&config.errors)),
             ("notify.email", errors::validate_email(&config.notify.email)),

@@ -26,6 +26,7 @@ pub struct Heartbeat {
 /// What a round of checks needs; shared with the task that runs it.
 struct Inner {
     registry: Registry,
+    metrics: Arc<crate::metrics::Metrics>,
     ttl: Duration,
     bus: Bus,
     state: Mutex<State>,
@@ -51,10 +52,16 @@ struct State {
 
 impl Heartbeat {
     /// A heartbeat over `registry`, publishing transitions on `bus`.
-    pub fn new(registry: Registry, config: &HeartbeatConfig, bus: Bus) -> Heartbeat {
+    pub fn new(
+        registry: Registry,
+        config: &HeartbeatConfig,
+        bus: Bus,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Heartbeat {
         Heartbeat {
             inner: Arc::new(Inner {
                 registry,
+                metrics,
                 ttl: config.cache_ttl,
                 bus,
                 state: Mutex::new(State::default()),
@@ -67,6 +74,16 @@ impl Heartbeat {
     /// Answers the route: 503 while draining (checks are not run), else the
     /// checks' result, 200 when the worst level is below error.
     pub async fn respond(&self, draining: bool) -> Response<ResponseBody> {
+        self.respond_with(draining, self.details).await
+    }
+
+    /// [`respond`](Self::respond) with `details` whatever the public
+    /// setting (the admin listener shows everything).
+    pub async fn respond_with(
+        &self,
+        draining: bool,
+        details: HeartbeatDetails,
+    ) -> Response<ResponseBody> {
         if draining {
             let body = serde_json::to_vec(&json!({"status": "draining"})).unwrap_or_default();
             return super::json(StatusCode::SERVICE_UNAVAILABLE, body);
@@ -77,7 +94,7 @@ impl Heartbeat {
         } else {
             self.failed_status
         };
-        let body = serde_json::to_vec(&render(&report, self.details)).unwrap_or_default();
+        let body = serde_json::to_vec(&render(&report, details)).unwrap_or_default();
         super::json(status, body)
     }
 
@@ -125,6 +142,13 @@ impl Inner {
     /// Caches `report`, logs the checks whose level changed and publishes
     /// pass/fail changes.
     fn record(&self, report: &Arc<Report>) {
+        for result in report.results() {
+            self.metrics
+                .check(&result.name, result.level().0, result.duration);
+        }
+        self.metrics
+            .heartbeat_level
+            .set(i64::from(report.level().0));
         let mut state = self.lock();
         let levels: HashMap<String, Level> = report
             .results()

@@ -190,6 +190,24 @@ pub fn count(conn: &Connection, status: &str, before: i64) -> rusqlite::Result<i
     )
 }
 
+/// Rows by status, and when the oldest waiting row was created (Unix ms).
+pub type Stats = (Vec<(String, i64)>, Option<i64>);
+
+/// The outbox's [`Stats`].
+pub fn stats(conn: &Connection) -> rusqlite::Result<Stats> {
+    let mut by_status =
+        conn.prepare_cached("SELECT status, count(*) FROM hook_outbox GROUP BY status")?;
+    let rows = by_status
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<Vec<(String, i64)>>>()?;
+    let oldest = conn.query_row(
+        "SELECT min(created) FROM hook_outbox WHERE status = 'waiting'",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok((rows, oldest))
+}
+
 /// Makes rows due now (replay): by id, or all `waiting`/`error` rows of a
 /// hook, or all of them. Returns how many.
 pub fn make_due(

@@ -98,11 +98,12 @@ pub struct Hooks {
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     /// The event kinds the hooks take, declared on the bus once started.
     interest: Mutex<Option<crate::events::Interest>>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Hooks {
     /// Opens the outbox and prepares the configured hooks.
-    pub fn new(config: &Config) -> Result<Hooks, String> {
+    pub fn new(config: &Config, metrics: Arc<crate::metrics::Metrics>) -> Result<Hooks, String> {
         let conn = outbox::open(&config.state.path)?;
         let tls = crate::tls::client_config(None)?;
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
@@ -117,6 +118,7 @@ impl Hooks {
             wake: Notify::new(),
             client: Client::builder(TokioExecutor::new()).build(connector),
             interest: Mutex::new(None),
+            metrics,
         })
     }
 
@@ -318,6 +320,12 @@ impl Hooks {
                 tokio::spawn(async move {
                     let outcome = hooks.attempt(&row).await;
                     drop(slot);
+                    let counted = match outcome.status {
+                        "sent" => "sent",
+                        "waiting" => "retry",
+                        _ => "error",
+                    };
+                    hooks.metrics.hook_delivery(&row.hook, counted);
                     let _ = done.send((row.id, outcome));
                 });
             }
@@ -339,6 +347,20 @@ impl Hooks {
             done.push((row, outcome));
         }
         Ok(done)
+    }
+
+    /// Refreshes the outbox gauges (rows by status, oldest waiting row).
+    pub async fn update_metrics(&self) {
+        match self.blocking(|conn| outbox::stats(conn)).await {
+            Ok((rows, oldest)) => {
+                let now = unix_ms(SystemTime::now());
+                let age = oldest.map(|created| {
+                    Duration::from_millis(now.saturating_sub(created).max(0) as u64)
+                });
+                self.metrics.outbox(&rows, age);
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read the hook outbox for metrics"),
+        }
     }
 
     async fn finish(&self, row: &Row, outcome: Attempted) {

@@ -9,10 +9,15 @@ use http::{HeaderMap, Method};
 use serde::Serialize;
 
 use super::{Logger, Severity};
+use crate::metrics::{Metrics, RouteClass};
 
 /// The facts of one request, logged once when dropped.
 pub struct RequestSummary {
     logger: Arc<Logger>,
+    metrics: Arc<Metrics>,
+    route: RouteClass,
+    /// Response body bytes sent so far.
+    sent: u64,
     start: Instant,
     /// `None` when the request could not be parsed.
     method: Option<Method>,
@@ -50,8 +55,10 @@ struct Fields<'a> {
 impl RequestSummary {
     /// Starts the clock for a request. With `log_query`, the line carries the
     /// query string, scrubbed then percent-decoded.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         logger: Arc<Logger>,
+        metrics: Arc<Metrics>,
         start: Instant,
         method: &Method,
         uri: &http::Uri,
@@ -75,6 +82,9 @@ impl RequestSummary {
         });
         RequestSummary {
             logger,
+            metrics,
+            route: RouteClass::Proxy,
+            sent: 0,
             start,
             method: Some(method.clone()),
             path: uri.path().to_owned(),
@@ -90,9 +100,17 @@ impl RequestSummary {
 
     /// The line for a request hyper refused before it could be routed (a
     /// malformed request line or headers): no method, path or id is known.
-    pub fn unparsed(logger: Arc<Logger>, code: u16, cause: String) -> RequestSummary {
+    pub fn unparsed(
+        logger: Arc<Logger>,
+        metrics: Arc<Metrics>,
+        code: u16,
+        cause: String,
+    ) -> RequestSummary {
         RequestSummary {
             logger,
+            metrics,
+            route: RouteClass::Malformed,
+            sent: 0,
             start: Instant::now(),
             method: None,
             path: String::new(),
@@ -104,6 +122,16 @@ impl RequestSummary {
             failure: Some(cause),
             note: None,
         }
+    }
+
+    /// Records where the request went (for metrics; the default is proxy).
+    pub fn set_route(&mut self, route: RouteClass) {
+        self.route = route;
+    }
+
+    /// Counts response body bytes sent.
+    pub fn add_sent(&mut self, bytes: usize) {
+        self.sent += bytes as u64;
     }
 
     /// Records the status sent to the client.
@@ -144,7 +172,13 @@ impl Drop for RequestSummary {
             self.code = CLIENT_CLOSED;
             self.note = Some("client closed the request before the response was sent");
         }
-        let t = self.start.elapsed().as_millis() as u64;
+        let took = self.start.elapsed();
+        self.metrics
+            .request(self.route, self.method.as_ref(), self.code, took);
+        if self.sent > 0 {
+            self.metrics.response_bytes.inc_by(self.sent);
+        }
+        let t = took.as_millis() as u64;
         let severity = if self.failure.is_some() {
             Severity::Error
         } else {

@@ -22,6 +22,7 @@ use super::{clean, ReportFields};
 use crate::body::ResponseBody;
 use crate::config::{Config, LogLevel, ReportsConfig};
 use crate::events::{Bus, Event, EventData};
+use crate::metrics::{Metrics, ReportOutcome};
 use crate::mozlog::{Logger, Severity};
 
 /// Clean the keyed limiter's idle entries every this many requests.
@@ -53,6 +54,7 @@ pub struct Intake {
     logger: Arc<Logger>,
     /// Masks secrets in kept query strings and in report bodies.
     scrubber: Arc<crate::scrub::Scrubber>,
+    metrics: Arc<Metrics>,
     /// What was counted.
     pub counters: Counters,
 }
@@ -72,6 +74,7 @@ impl Intake {
         bus: Bus,
         logger: Arc<Logger>,
         scrubber: Arc<crate::scrub::Scrubber>,
+        metrics: Arc<Metrics>,
     ) -> Result<Intake, String> {
         let reports = config.reports.clone();
         let store = ReportStore::start(
@@ -79,6 +82,7 @@ impl Intake {
             reports.dedup_window,
             reports.retention,
             reports.queue,
+            metrics.clone(),
         )?;
         let per_second = |n: u32| NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
         let per_client = RateLimiter::keyed(
@@ -95,6 +99,7 @@ impl Intake {
             bus,
             logger,
             scrubber,
+            metrics,
             counters: Counters::default(),
         })
     }
@@ -118,8 +123,17 @@ impl Intake {
     /// Answers one request to a report path.
     pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Outcome {
         let outcome = self.intake(req, peer).await;
-        if outcome.response.status().is_client_error() {
+        let status = outcome.response.status();
+        if status.is_client_error() {
             self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+            self.metrics.report_rejected(match status {
+                StatusCode::METHOD_NOT_ALLOWED => "method",
+                StatusCode::UNSUPPORTED_MEDIA_TYPE => "content_type",
+                StatusCode::TOO_MANY_REQUESTS => "rate_limited",
+                StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+                StatusCode::REQUEST_TIMEOUT => "timeout",
+                _ => "invalid",
+            });
         }
         outcome
     }
@@ -168,7 +182,11 @@ impl Intake {
             Limited::new(req.into_body(), limit).collect(),
         );
         let body = match read.await {
-            Ok(Ok(body)) => body.to_bytes(),
+            Ok(Ok(body)) => {
+                let body = body.to_bytes();
+                self.metrics.request_bytes.inc_by(body.len() as u64);
+                body
+            }
             Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
                 return self
                     .answer(self.text(StatusCode::PAYLOAD_TOO_LARGE, "report body too large"))
@@ -223,6 +241,7 @@ impl Intake {
         self.counters.received.fetch_add(1, Ordering::Relaxed);
         if self.config.drop_extensions && report.is_extension_noise() {
             self.counters.noise.fetch_add(1, Ordering::Relaxed);
+            self.metrics.report(&report.kind, ReportOutcome::Noise);
             return;
         }
         let keep = self.config.keep_query_strings;

@@ -9,6 +9,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::metrics::ReportOutcome;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::Serialize;
 
@@ -78,10 +79,11 @@ pub struct ReportStore {
 }
 
 /// Counters the intake and the writer share.
-#[derive(Default)]
 struct Shared {
     /// Reports dropped: queue full, or not storable.
     dropped: AtomicU64,
+    /// Stored, deduplicated and dropped reports, by type.
+    metrics: Arc<crate::metrics::Metrics>,
     /// Body bytes queued and not yet written.
     queued_bytes: AtomicUsize,
 }
@@ -108,12 +110,17 @@ impl ReportStore {
         dedup_window: Duration,
         retention: Duration,
         queue: usize,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<ReportStore, String> {
         let conn = crate::store::open(path)?;
         let (tx, rx) = mpsc::sync_channel(queue.max(1));
         let window = millis(dedup_window);
         let retention = millis(retention);
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            dropped: AtomicU64::new(0),
+            metrics,
+            queued_bytes: AtomicUsize::new(0),
+        });
         let writer = shared.clone();
         std::thread::Builder::new()
             .name("report-writer".into())
@@ -131,29 +138,36 @@ impl ReportStore {
     pub fn submit(&self, report: StoredReport) -> bool {
         let bytes = report.body.len();
         let queued = self.shared.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
-        let sent = queued + bytes <= QUEUE_BYTES
-            && self.tx.try_send(Msg::Report(Box::new(report))).is_ok();
-        match sent {
-            true => true,
-            false => {
-                self.shared.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
-                let dropped = self.shared.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                let now = (unix_ms(SystemTime::now()) / 1000) as u64;
-                let last = self.warned.load(Ordering::Relaxed);
-                if now >= last + WARN_EVERY
-                    && self
-                        .warned
-                        .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                        .is_ok()
-                {
-                    tracing::warn!(
-                        dropped,
-                        "report queue full: reports are counted and dropped"
-                    );
+        let kind = if queued + bytes <= QUEUE_BYTES {
+            match self.tx.try_send(Msg::Report(Box::new(report))) {
+                Ok(()) => return true,
+                Err(mpsc::TrySendError::Full(msg) | mpsc::TrySendError::Disconnected(msg)) => {
+                    match msg {
+                        Msg::Report(report) => report.kind,
+                        Msg::Flush(_) => String::new(),
+                    }
                 }
-                false
             }
+        } else {
+            report.kind
+        };
+        self.shared.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.shared.metrics.report(&kind, ReportOutcome::Dropped);
+        let dropped = self.shared.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = (unix_ms(SystemTime::now()) / 1000) as u64;
+        let last = self.warned.load(Ordering::Relaxed);
+        if now >= last + WARN_EVERY
+            && self
+                .warned
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(
+                dropped,
+                "report queue full: reports are counted and dropped"
+            );
         }
+        false
     }
 
     /// Reports dropped because the queue was full, since start.
@@ -234,15 +248,27 @@ fn write_batch(conn: &mut Connection, batch: Vec<Msg>, shared: &Shared, window: 
     let bytes: usize = reports.iter().map(|r| r.body.len()).sum();
     let mut delay = Duration::from_millis(50);
     for attempt in 1..=COMMIT_ATTEMPTS {
-        let result = (|| -> rusqlite::Result<()> {
+        let result = (|| -> rusqlite::Result<Vec<bool>> {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut folded = Vec::with_capacity(reports.len());
             for report in &reports {
-                store_one(&tx, report, window)?;
+                folded.push(store_one(&tx, report, window)?);
             }
-            tx.commit()
+            tx.commit()?;
+            Ok(folded)
         })();
         match result {
-            Ok(()) => break,
+            Ok(folded) => {
+                for (report, folded) in reports.iter().zip(folded) {
+                    let outcome = if folded {
+                        ReportOutcome::Deduplicated
+                    } else {
+                        ReportOutcome::Stored
+                    };
+                    shared.metrics.report(&report.kind, outcome);
+                }
+                break;
+            }
             Err(e) if attempt < COMMIT_ATTEMPTS => {
                 tracing::warn!(error = %e, attempt = attempt as u64, "cannot store reports yet; retrying");
                 std::thread::sleep(delay);
@@ -253,6 +279,9 @@ fn write_batch(conn: &mut Connection, batch: Vec<Msg>, shared: &Shared, window: 
                 shared
                     .dropped
                     .fetch_add(reports.len() as u64, Ordering::Relaxed);
+                for report in &reports {
+                    shared.metrics.report(&report.kind, ReportOutcome::Dropped);
+                }
             }
         }
     }
@@ -262,12 +291,13 @@ fn write_batch(conn: &mut Connection, batch: Vec<Msg>, shared: &Shared, window: 
     }
 }
 
-/// Adds to the count of an identical report within the window, or inserts.
+/// Adds to the count of an identical report within the window (true), or
+/// inserts (false).
 fn store_one(
     tx: &rusqlite::Transaction<'_>,
     r: &StoredReport,
     window: i64,
-) -> rusqlite::Result<()> {
+) -> rusqlite::Result<bool> {
     let updated = tx.prepare_cached(
         "UPDATE reports SET count = count + 1, last_seen = ?1
          WHERE rowid = (SELECT rowid FROM reports WHERE dedup_key = ?2 AND created >= ?3 ORDER BY created DESC LIMIT 1)",
@@ -298,7 +328,7 @@ fn store_one(
             r.dedup_key
         ])?;
     }
-    Ok(())
+    Ok(updated > 0)
 }
 
 fn prune_older(conn: &Connection, before: i64) {

@@ -111,6 +111,8 @@ pub struct Sidecar {
     child: Child,
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Where its admin listener listens, when enabled.
+    pub admin: Option<SocketAddr>,
     /// Its stdout, line by line.
     pub stdout: Arc<Lines>,
     /// Its stderr, line by line.
@@ -250,7 +252,9 @@ impl SidecarBuilder {
             .env_remove("DOCKERFLOW_CONFIG")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .stderr(Stdio::piped())
+            // A free port for the admin listener (a test may set another).
+            .env("DOCKERFLOW_ADMIN__LISTEN", "127.0.0.1:0");
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
@@ -273,9 +277,19 @@ impl SidecarBuilder {
         };
         let json: Value = serde_json::from_str(&line).unwrap();
         let addr = json["Fields"]["addr"].as_str().unwrap().parse().unwrap();
+        // Logged before `listening` when the admin listener is on.
+        let admin = stdout
+            .all()
+            .iter()
+            .find(|l| l.contains("\"msg\":\"admin listening\""))
+            .map(|l| {
+                let json: Value = serde_json::from_str(l).unwrap();
+                json["Fields"]["addr"].as_str().unwrap().parse().unwrap()
+            });
         Sidecar {
             child,
             addr,
+            admin,
             stdout,
             stderr,
             workdir,
@@ -299,7 +313,15 @@ fn read_lines(stream: impl Read + Send + 'static) -> Arc<Lines> {
 }
 
 impl Sidecar {
-    /// `http://addr`.
+    /// `http://admin-addr/path` on the admin listener.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!(
+            "http://{}{path}",
+            self.admin.expect("the admin listener is on")
+        )
+    }
+
+    /// `http://addr/path` on the public listener.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
