@@ -19,6 +19,7 @@ pub mod reports;
 pub mod router;
 pub mod scrub;
 pub mod server;
+pub mod server_tls;
 pub mod shutdown;
 pub mod store;
 pub mod tls;
@@ -79,6 +80,8 @@ pub struct App {
     pub scrubber: Arc<scrub::Scrubber>,
     /// Every Prometheus metric.
     pub metrics: Arc<metrics::Metrics>,
+    /// The listener's certificate and acceptor, when it terminates TLS.
+    pub tls: Option<(Arc<server_tls::Certificates>, tokio_rustls::TlsAcceptor)>,
 }
 
 impl App {
@@ -107,12 +110,22 @@ impl App {
         )?;
         let hooks = Arc::new(hooks::Hooks::new(&config, metrics.clone())?);
         let mail = Arc::new(mail::Mailer::new(&config, metrics.clone())?);
+        let tls = match config.tls.enabled() {
+            true => {
+                let certificates = server_tls::Certificates::load(&config.tls)?;
+                let acceptor =
+                    tokio_rustls::TlsAcceptor::from(Arc::new(certificates.server_config()?));
+                Some((certificates, acceptor))
+            }
+            false => None,
+        };
         Ok(App {
             reports,
             hooks,
             mail,
             scrubber,
             metrics,
+            tls,
             rid_header: config.logging.request_id_header.name.clone(),
             config,
             logger,
@@ -162,6 +175,15 @@ pub async fn run_with_reload(
         let app = app.clone();
         tokio::spawn(async move {
             while hangups.recv().await.is_some() {
+                if let Some((certificates, _)) = &app.tls {
+                    match certificates.reload() {
+                        Ok(()) => tracing::info!("TLS certificate reloaded"),
+                        Err(e) => tracing::error!(
+                            error = %e,
+                            "TLS certificate not reloaded: the previous one is still served"
+                        ),
+                    }
+                }
                 match reload().and_then(|config| app.hooks.reload(&config)) {
                     Ok(hooks) => tracing::info!(
                         hooks = hooks as u64,
@@ -194,9 +216,13 @@ pub async fn serve(
     tracing::info!(
         addr = %addr,
         upstream = %app.config.upstream.url,
+        tls = app.tls.is_some(),
         version = env!("CARGO_PKG_VERSION"),
         "listening"
     );
+    if let Some((certificates, _)) = &app.tls {
+        certificates.watch(app.config.tls.reload_interval);
+    }
     app.hooks.start(&app.bus);
     app.mail.start(&app.bus);
     server::serve(app.clone(), listener, signal).await;

@@ -88,12 +88,15 @@ impl Proxy {
         &self,
         req: Request<Incoming>,
         peer: SocketAddr,
+        https: bool,
         rid: HeaderValue,
         summary: RequestSummary,
     ) -> Response<ResponseBody> {
         // Only when a hook or mail wants error events: a copy of the head.
         let snapshot = self.errors.snapshot(&req, peer, summary.started());
-        let resp = self.forward_inner(req, peer, rid.clone(), summary).await;
+        let resp = self
+            .forward_inner(req, peer, https, rid.clone(), summary)
+            .await;
         let Some(snapshot) = snapshot else {
             return resp;
         };
@@ -111,6 +114,7 @@ impl Proxy {
         &self,
         mut req: Request<Incoming>,
         peer: SocketAddr,
+        https: bool,
         rid: HeaderValue,
         mut summary: RequestSummary,
     ) -> Response<ResponseBody> {
@@ -127,9 +131,17 @@ impl Proxy {
             restore_upgrade(headers, protocol.clone());
         }
         append_forwarded_for(headers, peer);
-        headers
-            .entry(HeaderName::from_static("x-forwarded-proto"))
-            .or_insert(HeaderValue::from_static("http"));
+        let proto = HeaderName::from_static("x-forwarded-proto");
+        if https {
+            // The sidecar terminated TLS itself: that is the whole truth,
+            // whatever the client claimed.
+            headers.insert(proto, HeaderValue::from_static("https"));
+        } else {
+            // Plain HTTP: a load balancer in front may have said https.
+            headers
+                .entry(proto)
+                .or_insert(HeaderValue::from_static("http"));
+        }
         headers.insert(self.rid_header.clone(), rid.clone());
 
         let (parts, body) = req.into_parts();

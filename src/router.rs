@@ -64,6 +64,7 @@ fn request_id(app: &App, req: &Request<Incoming>) -> HeaderValue {
 pub async fn handle(
     app: Arc<App>,
     peer: SocketAddr,
+    https: bool,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let start = Instant::now();
@@ -94,7 +95,7 @@ pub async fn handle(
         return Ok(finish(&app, resp, rid, summary));
     }
     if route == Route::Proxy {
-        return Ok(app.proxy.forward(req, peer, rid, summary).await);
+        return Ok(app.proxy.forward(req, peer, https, rid, summary).await);
     }
     if route == Route::Report {
         // The request head, kept only when accepted reports are passed on.

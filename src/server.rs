@@ -106,21 +106,51 @@ fn spawn_connection(
     tracker.spawn(async move {
         let _open = GaugeGuard::new(&app.metrics.open_connections);
         let _ = stream.set_nodelay(true);
-        let service_app = app.clone();
-        let service = service_fn(move |req| router::handle(service_app.clone(), peer, req));
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-        tokio::pin!(conn);
-        let result = tokio::select! {
-            result = conn.as_mut() => result,
-            _ = app.shutdown.stopped() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
+        match app.tls.as_ref().map(|(_, acceptor)| acceptor.clone()) {
+            None => serve_io(app, builder, TokioIo::new(stream), peer, false).await,
+            Some(acceptor) => {
+                // Bounded like the request head: a client that never
+                // finishes its handshake does not hold the connection.
+                let limit = app.config.server.idle_timeout;
+                let handshake = tokio::select! {
+                    done = tokio::time::timeout(limit, acceptor.accept(stream)) => done,
+                    _ = app.shutdown.stopped() => return,
+                };
+                match handshake {
+                    Ok(Ok(tls)) => serve_io(app, builder, TokioIo::new(tls), peer, true).await,
+                    Ok(Err(e)) => tracing::debug!(peer = %peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(peer = %peer, "TLS handshake timed out"),
+                }
             }
-        };
-        if let Err(e) = result {
-            log_connection_error(&app, peer, &*e);
         }
     });
+}
+
+/// Serves one connection's requests (plain or TLS) until it ends or, on
+/// stop, until its in-flight request is done.
+async fn serve_io<I>(
+    app: Arc<App>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    io: TokioIo<I>,
+    peer: SocketAddr,
+    https: bool,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service_app = app.clone();
+    let service = service_fn(move |req| router::handle(service_app.clone(), peer, https, req));
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        _ = app.shutdown.stopped() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        log_connection_error(&app, peer, &*e);
+    }
 }
 
 /// Holds a gauge one higher while it lives.

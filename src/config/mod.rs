@@ -76,6 +76,38 @@ pub struct Config {
     pub notify: NotifyConfig,
     /// The admin listener: metrics, readiness, drain.
     pub admin: AdminConfig,
+    /// TLS on the public listener.
+    pub tls: TlsConfig,
+}
+
+/// TLS termination on the public listener.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first; empty: plain HTTP.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// How often the files are checked for a new certificate (SIGHUP reloads at once).
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            reload_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+impl TlsConfig {
+    /// True when the listener terminates TLS.
+    pub fn enabled(&self) -> bool {
+        !self.cert.as_os_str().is_empty()
+    }
 }
 
 /// The admin listener (never proxied).
@@ -231,6 +263,7 @@ impl Default for Config {
             errors: ErrorsConfig::default(),
             notify: NotifyConfig::default(),
             admin: AdminConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -353,6 +386,39 @@ impl Config {
             ));
         }
 
+        let tls = &config.tls;
+        let tls_problem = match (
+            tls.cert.as_os_str().is_empty(),
+            tls.key.as_os_str().is_empty(),
+        ) {
+            (false, true) => Some((
+                "key",
+                "is empty but `tls.cert` is set: both are needed".to_owned(),
+            )),
+            (true, false) => Some((
+                "cert",
+                "is empty but `tls.key` is set: both are needed".to_owned(),
+            )),
+            _ if tls.reload_interval.is_zero() => Some((
+                "reload_interval",
+                "0s is not valid: expected an interval such as \"10s\"".to_owned(),
+            )),
+            _ => None,
+        };
+        if let Some((key, reason)) = tls_problem {
+            return Err(ConfigError::from_items(
+                "tls",
+                "",
+                "tls",
+                &[],
+                vec![error::ItemProblem {
+                    index: usize::MAX,
+                    key,
+                    reason,
+                }],
+                file.as_deref(),
+            ));
+        }
         if let Err(reason) = config.admin.token() {
             return Err(ConfigError::from_items(
                 "admin",
