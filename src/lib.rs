@@ -94,7 +94,7 @@ impl App {
         let metrics = Arc::new(metrics::Metrics::new());
         let scrubber = Arc::new(scrub::Scrubber::new(&config.errors.sensitive_patterns())?);
         let errors = error_reports::ErrorReports::new(&config, scrubber.clone(), bus.clone())?;
-        let proxy = Proxy::new(&config, shutdown.tracker().clone(), errors, metrics.clone());
+        let proxy = Proxy::new(&config, shutdown.tracker().clone(), errors, metrics.clone())?;
         let heartbeat = Heartbeat::new(
             Registry::from_config(&config)?,
             &config.heartbeat,

@@ -66,11 +66,11 @@ impl Proxy {
         tunnels: TaskTracker,
         errors: ErrorReports,
         metrics: Arc<Metrics>,
-    ) -> Proxy {
+    ) -> Result<Proxy, String> {
         let open = &metrics.upstream_connections;
-        Proxy {
-            client: upstream::client(&config.upstream, open.clone()),
-            copies: upstream::client(&config.upstream, open.clone()),
+        Ok(Proxy {
+            client: upstream::client(&config.upstream, open.clone())?,
+            copies: upstream::client(&config.upstream, open.clone())?,
             copy_slots: Arc::new(tokio::sync::Semaphore::new(COPIES_IN_FLIGHT)),
             authority: upstream::authority(&config.upstream.url),
             rid_header: config.logging.request_id_header.name.clone(),
@@ -78,7 +78,7 @@ impl Proxy {
             tunnels,
             errors,
             metrics,
-        }
+        })
     }
 
     /// Sends `req` to the upstream and returns its response (or a 502/504),

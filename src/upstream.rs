@@ -12,6 +12,7 @@ use http::Uri;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
@@ -21,19 +22,23 @@ use crate::config::{UpstreamConfig, UpstreamUrl};
 pub type UpstreamClient<B> = Client<UpstreamConnector, B>;
 
 /// Builds a pooled client for the configured upstream.
-pub fn client<B>(config: &UpstreamConfig, open: prometheus::IntGauge) -> UpstreamClient<B>
+pub fn client<B>(
+    config: &UpstreamConfig,
+    open: prometheus::IntGauge,
+) -> Result<UpstreamClient<B>, String>
 where
     B: http_body::Body + Send + 'static,
     B::Data: Send,
 {
-    Client::builder(TokioExecutor::new())
+    let connector = UpstreamConnector::new(config, open)?;
+    Ok(Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         .pool_idle_timeout(config.pool_idle_timeout)
         .pool_max_idle_per_host(config.pool_max_idle)
         // Host is the client's, carried through by the proxy; never rewrite it.
         .set_host(false)
-        .build(UpstreamConnector::new(config, open))
+        .build(connector))
 }
 
 /// A gauge no registry exports, for clients whose connections are not
@@ -46,7 +51,7 @@ pub fn uncounted() -> prometheus::IntGauge {
 /// socket it only keys the pool; the connector ignores it.
 pub fn authority(url: &UpstreamUrl) -> http::uri::Authority {
     match url {
-        UpstreamUrl::Http { authority } => authority.clone(),
+        UpstreamUrl::Http { authority } | UpstreamUrl::Https { authority } => authority.clone(),
         UpstreamUrl::Unix { .. } => http::uri::Authority::from_static("upstream.sock"),
     }
 }
@@ -63,20 +68,43 @@ pub struct UpstreamConnector {
 #[derive(Clone)]
 enum Target {
     Tcp(Arc<str>),
+    /// TLS over TCP to `addr`, verifying the certificate for `name`.
+    Tls {
+        addr: Arc<str>,
+        name: ServerName<'static>,
+        connector: tokio_rustls::TlsConnector,
+    },
     Unix(Arc<PathBuf>),
 }
 
 impl UpstreamConnector {
-    fn new(config: &UpstreamConfig, open: prometheus::IntGauge) -> Self {
+    fn new(config: &UpstreamConfig, open: prometheus::IntGauge) -> Result<Self, String> {
         let target = match &config.url {
             UpstreamUrl::Http { authority } => Target::Tcp(Arc::from(authority.as_str())),
+            UpstreamUrl::Https { authority } => {
+                let mut tls = crate::tls::client_config(config.ca_file.as_deref())
+                    .map_err(|e| format!("upstream.ca_file: {e}"))?;
+                // The pool speaks HTTP/1.1 to the app.
+                tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+                let host = authority
+                    .host()
+                    .trim_start_matches('[')
+                    .trim_end_matches(']');
+                let name = ServerName::try_from(host.to_owned())
+                    .map_err(|e| format!("upstream.url: `{host}` is not a TLS server name: {e}"))?;
+                Target::Tls {
+                    addr: Arc::from(authority.as_str()),
+                    name,
+                    connector: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+                }
+            }
             UpstreamUrl::Unix { path } => Target::Unix(Arc::new(path.clone())),
         };
-        UpstreamConnector {
+        Ok(UpstreamConnector {
             target,
             connect_timeout: config.connect_timeout,
             open,
-        }
+        })
     }
 }
 
@@ -100,6 +128,16 @@ impl tower_service::Service<Uri> for UpstreamConnector {
                         let stream = TcpStream::connect(&**addr).await?;
                         stream.set_nodelay(true)?;
                         Ok(Stream::Tcp(stream))
+                    }
+                    Target::Tls {
+                        addr,
+                        name,
+                        connector,
+                    } => {
+                        let stream = TcpStream::connect(&**addr).await?;
+                        stream.set_nodelay(true)?;
+                        let tls = connector.connect(name.clone(), stream).await?;
+                        Ok(Stream::Tls(Box::new(tls)))
                     }
                     Target::Unix(path) => Ok(Stream::Unix(UnixStream::connect(&**path).await?)),
                 }
@@ -133,6 +171,8 @@ pub struct UpstreamStream {
 pub enum Stream {
     /// TCP, with TCP_NODELAY.
     Tcp(TcpStream),
+    /// TLS over TCP.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     /// A Unix domain socket.
     Unix(UnixStream),
 }
@@ -151,6 +191,7 @@ impl AsyncRead for UpstreamStream {
     ) -> Poll<io::Result<()>> {
         match &mut self.get_mut().inner {
             Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
@@ -164,6 +205,7 @@ impl AsyncWrite for UpstreamStream {
     ) -> Poll<io::Result<usize>> {
         match &mut self.get_mut().inner {
             Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
@@ -175,6 +217,7 @@ impl AsyncWrite for UpstreamStream {
     ) -> Poll<io::Result<usize>> {
         match &mut self.get_mut().inner {
             Stream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
             Stream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
         }
     }
@@ -186,6 +229,7 @@ impl AsyncWrite for UpstreamStream {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match &mut self.get_mut().inner {
             Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
             Stream::Unix(s) => Pin::new(s).poll_flush(cx),
         }
     }
@@ -193,6 +237,7 @@ impl AsyncWrite for UpstreamStream {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match &mut self.get_mut().inner {
             Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
         }
     }

@@ -287,3 +287,76 @@ fn a_bad_certificate_stops_start_up_with_the_reason() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("`tls.key`"), "{err}");
 }
+
+/// A rustls server configuration for a leaf (PEM pair).
+fn server_config((cert, key): &(String, String)) -> rustls::ServerConfig {
+    use rustls::pki_types::pem::PemObject;
+    let chain = vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()];
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_https_upstream_and_https_hooks_are_verified_with_the_configured_ca() {
+    let ca = Ca::new();
+    let app = Upstream::start_tls(server_config(&ca.leaf("cert-first")));
+    let port = app.addr.unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.cert.pem()).unwrap();
+    let url = format!("https://localhost:{port}");
+    let hook = format!(
+        "[[hooks]]\nname = \"tls-hook\"\nevents = [\"report.received\"]\nurl = \"{url}/hook\"\n"
+    );
+    let sidecar = SidecarBuilder::new(&url)
+        .env("DOCKERFLOW_UPSTREAM__CA_FILE", ca_file.to_str().unwrap())
+        .toml(&format!(
+            "[delivery]\nca_file = \"{}\"\n{hook}",
+            ca_file.display()
+        ))
+        .start();
+    let reply = common::get(&sidecar.url("/over-tls?x=1"), &[]).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.json()["uri"], "/over-tls?x=1");
+    assert_eq!(
+        common::get(&sidecar.url("/__heartbeat__"), &[])
+            .await
+            .status,
+        200
+    );
+    // A hook to the same https server is delivered (it answers 200).
+    let report = r#"{"csp-report": {"document-uri": "https://a.example/", "violated-directive": "img-src"}}"#;
+    let stored = common::request(
+        "POST",
+        &sidecar.url("/__cspreport__"),
+        &[("content-type", "application/csp-report")],
+        report,
+    )
+    .await;
+    assert_eq!(stored.status, 204);
+    let end = Instant::now() + common::DEADLINE;
+    loop {
+        let out = sidecar.cli(&["hooks", "list", "--json"]);
+        let rows = String::from_utf8_lossy(&out.stdout).into_owned();
+        if rows.contains("\"status\":\"sent\"") {
+            break;
+        }
+        assert!(Instant::now() < end, "the hook was not delivered: {rows}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    drop(sidecar);
+
+    // Without the CA the app's certificate is refused: 502, and the log says why.
+    let sidecar = SidecarBuilder::new(&url).start();
+    let reply = common::get(&sidecar.url("/over-tls"), &[("x-request-id", "tls-502")]).await;
+    assert_eq!(reply.status, 502);
+    let line = sidecar.summary_for("tls-502");
+    let msg = line["Fields"]["msg"].as_str().unwrap().to_lowercase();
+    assert!(msg.contains("certificate"), "{msg}");
+}

@@ -35,7 +35,11 @@ enum HttpClient {
 
 impl HttpCheck {
     /// A check of the configured upstream at the check's `path`.
-    pub fn upstream(check: &CheckConfig, level: Level, config: &Config) -> HttpCheck {
+    pub fn upstream(
+        check: &CheckConfig,
+        level: Level,
+        config: &Config,
+    ) -> Result<HttpCheck, String> {
         let authority = upstream::authority(&config.upstream.url);
         let path = check.request_path();
         let uri = Uri::builder()
@@ -44,14 +48,17 @@ impl HttpCheck {
             .path_and_query(path.0.clone())
             .build()
             .unwrap_or_else(|_| Uri::from_static("/"));
-        HttpCheck {
-            client: HttpClient::Upstream(upstream::client(&config.upstream, upstream::uncounted())),
+        Ok(HttpCheck {
+            client: HttpClient::Upstream(upstream::client(
+                &config.upstream,
+                upstream::uncounted(),
+            )?),
             host: HeaderValue::from_str(authority.as_str()).ok(),
             uri,
             target: format!("{}{}", config.upstream.url, path.as_str()),
             level,
             config: check.clone(),
-        }
+        })
     }
 
     /// A check of the check's `url`, over HTTP or HTTPS.

@@ -269,7 +269,7 @@ fn build(
     config: &Config,
 ) -> Result<Box<dyn Check>, String> {
     Ok(match check.kind {
-        CheckKind::Upstream => Box::new(http::HttpCheck::upstream(check, level, config)),
+        CheckKind::Upstream => Box::new(http::HttpCheck::upstream(check, level, config)?),
         CheckKind::Http => Box::new(http::HttpCheck::url(check, level)?),
         CheckKind::Tcp => Box::new(tcp::TcpCheck::new(check, level)),
         CheckKind::Postgres => Box::new(postgres::PostgresCheck::new(check, level, timeout)?),

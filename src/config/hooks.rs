@@ -73,6 +73,10 @@ pub struct DeliveryConfig {
     /// Outbox rows older than this are deleted (sent and error alike).
     #[serde(with = "humantime_serde")]
     pub retention: Duration,
+    /// For `https://` hooks: a PEM file of CA certificates to trust besides
+    /// the platform's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for DeliveryConfig {
@@ -94,6 +98,7 @@ impl Default for DeliveryConfig {
             .map(HumanDuration)
             .collect(),
             retention: Duration::from_secs(30 * 86_400),
+            ca_file: None,
         }
     }
 }

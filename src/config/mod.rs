@@ -168,6 +168,10 @@ pub struct UpstreamConfig {
     pub pool_idle_timeout: Duration,
     /// Most idle connections kept in the pool.
     pub pool_max_idle: usize,
+    /// For an `https://` upstream: a PEM file of CA certificates to trust
+    /// besides the platform's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Client-facing connections.
@@ -276,6 +280,7 @@ impl Default for UpstreamConfig {
             response_header_timeout: Duration::from_secs(30),
             pool_idle_timeout: Duration::from_secs(1),
             pool_max_idle: 256,
+            ca_file: None,
         }
     }
 }

@@ -8,12 +8,19 @@ use http::uri::{Authority, Scheme};
 use http::{HeaderName, StatusCode, Uri};
 use serde::{Deserialize, Serialize};
 
-/// Where the app listens: `http://host:port` or `unix:/path/to.sock`.
+/// Where the app listens: `http://host:port`, `https://host:port` or
+/// `unix:/path/to.sock`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub enum UpstreamUrl {
     /// A TCP address; `authority` is `host:port` (port defaults to 80).
     Http {
+        /// `host:port`.
+        authority: Authority,
+    },
+    /// A TCP address spoken to over TLS (port defaults to 443); the
+    /// certificate must be valid for its host.
+    Https {
         /// `host:port`.
         authority: Authority,
     },
@@ -36,7 +43,8 @@ impl TryFrom<String> for UpstreamUrl {
     type Error = String;
 
     fn try_from(value: String) -> Result<Self, Self::Error> {
-        const VALID: &str = "expected `http://host:port` or `unix:/path/to.sock`";
+        const VALID: &str =
+            "expected `http://host:port`, `https://host:port` or `unix:/path/to.sock`";
         if let Some(path) = value.strip_prefix("unix:") {
             let path = path.strip_prefix("//").unwrap_or(path);
             if !path.starts_with('/') {
@@ -51,9 +59,11 @@ impl TryFrom<String> for UpstreamUrl {
         let uri: Uri = value
             .parse()
             .map_err(|e| format!("`{value}` is not a URL ({e}); {VALID}"))?;
-        if uri.scheme() != Some(&Scheme::HTTP) {
-            return Err(format!("`{value}` has an unsupported scheme; {VALID}"));
-        }
+        let https = match uri.scheme() {
+            Some(s) if *s == Scheme::HTTP => false,
+            Some(s) if *s == Scheme::HTTPS => true,
+            _ => return Err(format!("`{value}` has an unsupported scheme; {VALID}")),
+        };
         let Some(authority) = uri.authority() else {
             return Err(format!("`{value}` has no host; {VALID}"));
         };
@@ -68,11 +78,15 @@ impl TryFrom<String> for UpstreamUrl {
         let authority = if authority.port().is_some() {
             authority.clone()
         } else {
-            format!("{}:80", authority.host())
+            let port = if https { 443 } else { 80 };
+            format!("{}:{port}", authority.host())
                 .parse()
                 .map_err(|e| format!("`{value}`: {e}; {VALID}"))?
         };
-        Ok(UpstreamUrl::Http { authority })
+        Ok(match https {
+            true => UpstreamUrl::Https { authority },
+            false => UpstreamUrl::Http { authority },
+        })
     }
 }
 
@@ -86,6 +100,7 @@ impl fmt::Display for UpstreamUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             UpstreamUrl::Http { authority } => write!(f, "http://{authority}"),
+            UpstreamUrl::Https { authority } => write!(f, "https://{authority}"),
             UpstreamUrl::Unix { path } => write!(f, "unix:{}", path.display()),
         }
     }

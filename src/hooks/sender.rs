@@ -105,7 +105,8 @@ impl Hooks {
     /// Opens the outbox and prepares the configured hooks.
     pub fn new(config: &Config, metrics: Arc<crate::metrics::Metrics>) -> Result<Hooks, String> {
         let conn = outbox::open(&config.state.path)?;
-        let tls = crate::tls::client_config(None)?;
+        let tls = crate::tls::client_config(config.delivery.ca_file.as_deref())
+            .map_err(|e| format!("delivery.ca_file: {e}"))?;
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
