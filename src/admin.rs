@@ -1,16 +1,21 @@
 //! The admin listener, never proxied: `/metrics` (Prometheus),
 //! `/__heartbeat__` with full details, `/ready` (for a readiness probe) and
 //! `POST /drain` (for a preStop hook), optionally behind a bearer token.
+//!
+//! Without a token, the routes that reveal or change something (the full
+//! heartbeat, `POST /drain`) answer only clients on the loopback interface
+//! (a preStop hook runs in the pod); `/metrics` and `/ready` answer anyone.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -37,17 +42,35 @@ pub async fn start(app: &Arc<App>) -> std::io::Result<Option<SocketAddr>> {
     let addr = listener.local_addr()?;
     let app = app.clone();
     let token: Option<Arc<str>> = token.map(Arc::from);
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT);
+    builder.http2().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
     tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(5);
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => {
+                    backoff = Duration::from_millis(5);
+                    accepted
+                }
+                Err(e) => {
+                    // Out of descriptors: wait for some to free up, not spin.
+                    tracing::error!(error = %e, "admin accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
             };
-            let app = app.clone();
-            let token = token.clone();
+            let (app, token, builder) = (app.clone(), token.clone(), builder.clone());
             tokio::spawn(async move {
                 let _ = stream.set_nodelay(true);
-                let service = service_fn(move |req| handle(app.clone(), token.clone(), req));
-                let _ = auto::Builder::new(TokioExecutor::new())
+                let local = peer.ip().to_canonical().is_loopback();
+                let service = service_fn(move |req| handle(app.clone(), token.clone(), local, req));
+                let _ = builder
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
             });
@@ -56,11 +79,23 @@ pub async fn start(app: &Arc<App>) -> std::io::Result<Option<SocketAddr>> {
     Ok(Some(addr))
 }
 
+/// Longest a client may take to send an admin request's head.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
 async fn handle(
     app: Arc<App>,
     token: Option<Arc<str>>,
+    local: bool,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
+    let path = req.uri().path();
+    let guarded = path == "/drain" || path == "/__heartbeat__";
+    if token.is_none() && guarded && !local {
+        return Ok(text(
+            StatusCode::FORBIDDEN,
+            "without admin.token this route answers only the loopback interface",
+        ));
+    }
     if let Some(token) = &token {
         if !authorized(req.headers().get(header::AUTHORIZATION), token) {
             let mut resp = text(StatusCode::UNAUTHORIZED, "a bearer token is required");
@@ -71,7 +106,6 @@ async fn handle(
             return Ok(resp);
         }
     }
-    let path = req.uri().path();
     let resp = match (req.method(), path) {
         (&Method::GET | &Method::HEAD, "/metrics") => {
             app.hooks.update_metrics().await;

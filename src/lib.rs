@@ -176,12 +176,14 @@ pub async fn run_with_reload(
         tokio::spawn(async move {
             while hangups.recv().await.is_some() {
                 if let Some((certificates, _)) = &app.tls {
-                    match certificates.reload() {
-                        Ok(()) => tracing::info!("TLS certificate reloaded"),
-                        Err(e) => tracing::error!(
+                    let certificates = certificates.clone();
+                    match tokio::task::spawn_blocking(move || certificates.reload()).await {
+                        Ok(Ok(())) => tracing::info!("TLS certificate reloaded"),
+                        Ok(Err(e)) => tracing::error!(
                             error = %e,
                             "TLS certificate not reloaded: the previous one is still served"
                         ),
+                        Err(e) => tracing::error!(error = %e, "TLS certificate reload failed"),
                     }
                 }
                 match reload().and_then(|config| app.hooks.reload(&config)) {

@@ -102,6 +102,8 @@ pub struct Metrics {
     pub upstream_connections: IntGauge,
     check_level: IntGaugeVec,
     check_duration: GaugeVec,
+    /// The checks of the last round, to drop those that disappear.
+    checks_shown: std::sync::Mutex<Vec<String>>,
     /// The heartbeat's overall level (0 ok … 50 critical).
     pub heartbeat_level: IntGauge,
     reports: Vec<IntCounter>,
@@ -243,6 +245,7 @@ impl Metrics {
                 &["check"],
             )
             .expect("valid metric"),
+            checks_shown: std::sync::Mutex::new(Vec::new()),
             heartbeat_level: gauge(
                 "heartbeat_level",
                 "The heartbeat's overall level in the last round (the worst check's).",
@@ -330,7 +333,11 @@ impl Metrics {
         };
         let route = route as usize;
         self.requests[(route * METHODS.len() + method) * CLASSES.len() + class].inc();
-        self.durations[route].observe(took.as_secs_f64());
+        // A tunnel (101) is counted when it closes; how long it stayed open
+        // is not a response time.
+        if code != 101 {
+            self.durations[route].observe(took.as_secs_f64());
+        }
     }
 
     /// Counts a report by its (browser-given) type and outcome.
@@ -349,14 +356,27 @@ impl Metrics {
         }
     }
 
-    /// Records one heartbeat check's level and duration.
-    pub fn check(&self, name: &str, level: u8, took: Duration) {
-        self.check_level
-            .with_label_values(&[name])
-            .set(i64::from(level));
-        self.check_duration
-            .with_label_values(&[name])
-            .set(took.as_secs_f64());
+    /// Records a round of heartbeat checks: each one's level and duration.
+    /// Checks of the previous round that are gone (a merged check the app
+    /// no longer reports) stop being exported.
+    pub fn checks(&self, round: &[(&str, u8, Duration)]) {
+        let mut shown = self.checks_shown.lock().unwrap_or_else(|p| p.into_inner());
+        for gone in shown
+            .iter()
+            .filter(|n| !round.iter().any(|(name, ..)| name == n))
+        {
+            let _ = self.check_level.remove_label_values(&[gone]);
+            let _ = self.check_duration.remove_label_values(&[gone]);
+        }
+        for (name, level, took) in round {
+            self.check_level
+                .with_label_values(&[name])
+                .set(i64::from(*level));
+            self.check_duration
+                .with_label_values(&[name])
+                .set(took.as_secs_f64());
+        }
+        *shown = round.iter().map(|(name, ..)| (*name).to_owned()).collect();
     }
 
     /// Counts one hook delivery attempt (`sent`, `retry`, `error`).

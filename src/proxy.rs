@@ -131,17 +131,7 @@ impl Proxy {
             restore_upgrade(headers, protocol.clone());
         }
         append_forwarded_for(headers, peer);
-        let proto = HeaderName::from_static("x-forwarded-proto");
-        if https {
-            // The sidecar terminated TLS itself: that is the whole truth,
-            // whatever the client claimed.
-            headers.insert(proto, HeaderValue::from_static("https"));
-        } else {
-            // Plain HTTP: a load balancer in front may have said https.
-            headers
-                .entry(proto)
-                .or_insert(HeaderValue::from_static("http"));
-        }
+        forwarded_proto(headers, https);
         headers.insert(self.rid_header.clone(), rid.clone());
 
         let (parts, body) = req.into_parts();
@@ -213,25 +203,24 @@ impl Proxy {
     /// when it is an error.
     pub fn send_copy(
         &self,
-        method: http::Method,
-        uri: &Uri,
-        mut headers: HeaderMap,
+        head: Request<()>,
         body: bytes::Bytes,
         peer: SocketAddr,
+        https: bool,
         rid: HeaderValue,
     ) {
+        let (head, ()) = head.into_parts();
+        let (method, uri, mut headers) = (head.method, head.uri, head.headers);
         let target = uri.authority().cloned();
         strip_hop_by_hop(&mut headers);
         set_host(&mut headers, target.as_ref(), &self.authority);
         append_forwarded_for(&mut headers, peer);
-        headers
-            .entry(HeaderName::from_static("x-forwarded-proto"))
-            .or_insert(HeaderValue::from_static("http"));
+        forwarded_proto(&mut headers, https);
         headers.insert(self.rid_header.clone(), rid);
         headers.remove(header::CONTENT_LENGTH);
         let mut req = Request::new(http_body_util::Full::new(body));
         *req.method_mut() = method;
-        *req.uri_mut() = self.upstream_uri(uri);
+        *req.uri_mut() = self.upstream_uri(&uri);
         *req.headers_mut() = headers;
         let Ok(slot) = self.copy_slots.clone().try_acquire_owned() else {
             tracing::warn!("too many reports being passed on to the app: this one is not");
@@ -410,6 +399,20 @@ fn client_body_failed(e: &hyper_util::client::legacy::Error) -> bool {
         source = cause.source();
     }
     false
+}
+
+/// `X-Forwarded-Proto`: `https` when the sidecar terminated TLS itself
+/// (whatever the client claimed); on plain HTTP a value already present (a
+/// load balancer in front) is kept, else `http`.
+fn forwarded_proto(headers: &mut HeaderMap, https: bool) {
+    let proto = HeaderName::from_static("x-forwarded-proto");
+    if https {
+        headers.insert(proto, HeaderValue::from_static("https"));
+    } else {
+        headers
+            .entry(proto)
+            .or_insert(HeaderValue::from_static("http"));
+    }
 }
 
 /// Appends the peer's address to `X-Forwarded-For`, joining any values

@@ -100,16 +100,15 @@ pub async fn handle(
     if route == Route::Report {
         // The request head, kept only when accepted reports are passed on.
         let head = app.config.reports.forward.then(|| {
-            (
-                req.method().clone(),
-                req.uri().clone(),
-                req.headers().clone(),
-            )
+            let mut head = Request::new(());
+            *head.method_mut() = req.method().clone();
+            *head.uri_mut() = req.uri().clone();
+            *head.headers_mut() = req.headers().clone();
+            head
         });
         let outcome = app.reports.handle(req, peer).await;
-        if let (Some((method, uri, headers)), Some(body)) = (head, outcome.forward) {
-            app.proxy
-                .send_copy(method, &uri, headers, body, peer, rid.clone());
+        if let (Some(head), Some(body)) = (head, outcome.forward) {
+            app.proxy.send_copy(head, body, peer, https, rid.clone());
         }
         return Ok(finish(&app, outcome.response, rid, summary));
     }

@@ -59,8 +59,16 @@ impl Certificates {
     }
 
     /// Loads the files again; on failure the current certificate stays.
+    /// Blocking (file reads): call it off the runtime's threads.
     pub fn reload(&self) -> Result<(), String> {
-        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = fingerprint(&self.cert, &self.key);
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        self.load_locked(&mut seen)
+    }
+
+    /// Looks, loads and stores under the one lock: two reloads (the file
+    /// check and SIGHUP) cannot store their pairs out of order.
+    fn load_locked(&self, seen: &mut Option<Fingerprint>) -> Result<(), String> {
+        *seen = fingerprint(&self.cert, &self.key);
         let loaded = load_pair(&self.cert, &self.key, &self.provider)?;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(loaded);
         Ok(())
@@ -69,14 +77,11 @@ impl Certificates {
     /// Reloads when the files changed since the last attempt (each change
     /// is tried, and logged, once).
     fn reload_if_changed(&self) {
-        let now = fingerprint(&self.cert, &self.key);
-        {
-            let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
-            if *seen == now {
-                return;
-            }
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if *seen == fingerprint(&self.cert, &self.key) {
+            return;
         }
-        match self.reload() {
+        match self.load_locked(&mut seen) {
             Ok(()) => tracing::info!(
                 cert = %self.cert.display(),
                 "TLS certificate reloaded"

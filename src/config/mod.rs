@@ -140,9 +140,16 @@ impl AdminConfig {
     /// The token, from `token` or `token_file`; `None` when neither is set.
     pub fn token(&self) -> Result<Option<String>, String> {
         match &self.token_file {
-            Some(path) => std::fs::read_to_string(path)
-                .map(|t| Some(t.trim().to_owned()))
-                .map_err(|e| format!("admin.token_file: cannot read `{}`: {e}", path.display())),
+            Some(path) => {
+                let token = std::fs::read_to_string(path).map_err(|e| {
+                    format!("admin.token_file: cannot read `{}`: {e}", path.display())
+                })?;
+                let token = token.trim();
+                if token.is_empty() {
+                    return Err(format!("admin.token_file: `{}` is empty", path.display()));
+                }
+                Ok(Some(token.to_owned()))
+            }
             None if self.token.is_empty() => Ok(None),
             None => Ok(Some(self.token.clone())),
         }

@@ -142,10 +142,12 @@ impl Inner {
     /// Caches `report`, logs the checks whose level changed and publishes
     /// pass/fail changes.
     fn record(&self, report: &Arc<Report>) {
-        for result in report.results() {
-            self.metrics
-                .check(&result.name, result.level().0, result.duration);
-        }
+        let round: Vec<(&str, u8, Duration)> = report
+            .results()
+            .iter()
+            .map(|r| (r.name.as_str(), r.level().0, r.duration))
+            .collect();
+        self.metrics.checks(&round);
         self.metrics
             .heartbeat_level
             .set(i64::from(report.level().0));

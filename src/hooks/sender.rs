@@ -99,6 +99,8 @@ pub struct Hooks {
     /// The event kinds the hooks take, declared on the bus once started.
     interest: Mutex<Option<crate::events::Interest>>,
     metrics: Arc<crate::metrics::Metrics>,
+    /// When the outbox gauges were last refreshed.
+    stats_at: Mutex<Option<std::time::Instant>>,
 }
 
 impl Hooks {
@@ -120,6 +122,7 @@ impl Hooks {
             client: Client::builder(TokioExecutor::new()).build(connector),
             interest: Mutex::new(None),
             metrics,
+            stats_at: Mutex::new(None),
         })
     }
 
@@ -350,8 +353,17 @@ impl Hooks {
         Ok(done)
     }
 
-    /// Refreshes the outbox gauges (rows by status, oldest waiting row).
+    /// Refreshes the outbox gauges (rows by status, oldest waiting row), at
+    /// most once a second whatever the scrape rate: the query holds the
+    /// outbox connection that deliveries use.
     pub async fn update_metrics(&self) {
+        {
+            let mut last = self.stats_at.lock().unwrap_or_else(|p| p.into_inner());
+            if last.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+                return;
+            }
+            *last = Some(std::time::Instant::now());
+        }
         match self.blocking(|conn| outbox::stats(conn)).await {
             Ok((rows, oldest)) => {
                 let now = unix_ms(SystemTime::now());
