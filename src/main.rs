@@ -43,6 +43,10 @@ enum Command {
         #[command(subcommand)]
         command: HooksCommand,
     },
+    /// Ask the running sidecar to start draining (POST /drain on its admin
+    /// listener, with the configured token): a Kubernetes preStop hook.
+    /// SIGTERM, when it follows, waits only what is left of the drain.
+    Drain,
 }
 
 #[derive(Subcommand)]
@@ -147,6 +151,76 @@ fn main() -> ExitCode {
         Command::Serve => serve(config, overrides),
         Command::Reports { command } => reports(&config, command),
         Command::Hooks { command } => hooks(&config, command),
+        Command::Drain => drain(&config),
+    }
+}
+
+/// `drain`: POST /drain to this pod's admin listener.
+fn drain(config: &Config) -> ExitCode {
+    if !config.admin.enabled {
+        eprintln!("dockerflow-sidecar: the admin listener is disabled (admin.enabled = false)");
+        return ExitCode::FAILURE;
+    }
+    let token = match config.admin.token() {
+        Ok(token) => token,
+        Err(e) => {
+            eprintln!("dockerflow-sidecar: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    // A wildcard listener is reached on loopback (where, without a token,
+    // the route answers).
+    let mut addr = config.admin.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr.ip() {
+            std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("dockerflow-sidecar: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let sent = runtime.block_on(async {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http::<http_body_util::Empty<bytes::Bytes>>();
+        let mut req = http::Request::builder()
+            .method(http::Method::POST)
+            .uri(format!("http://{addr}/drain"));
+        if let Some(token) = token {
+            req = req.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let req = req
+            .body(http_body_util::Empty::new())
+            .map_err(|e| e.to_string())?;
+        match tokio::time::timeout(Duration::from_secs(10), client.request(req)).await {
+            Ok(Ok(resp)) => Ok(resp.status()),
+            Ok(Err(e)) => Err(format!("cannot reach the admin listener at {addr}: {e}")),
+            Err(_) => Err(format!(
+                "no answer from the admin listener at {addr} within 10s"
+            )),
+        }
+    });
+    match sent {
+        Ok(status) if status.is_success() => {
+            println!("draining");
+            ExitCode::SUCCESS
+        }
+        Ok(status) => {
+            eprintln!("dockerflow-sidecar: POST /drain answered {status}");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("dockerflow-sidecar: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -368,6 +368,40 @@ async fn without_a_token_drain_and_details_answer_only_loopback() {
 }
 
 #[tokio::test]
+async fn the_drain_command_is_a_prestop_hook() {
+    let app = Upstream::start();
+    let sidecar = SidecarBuilder::new(&app.url())
+        .file("admin-token", "t0ken-from-a-secret\n")
+        .toml("[admin]\ntoken_file = \"admin-token\"\n")
+        .start();
+    assert_eq!(get(&sidecar.url("/__lbheartbeat__"), &[]).await.status, 200);
+    let out = sidecar.cli(&["drain"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "draining");
+    assert_eq!(get(&sidecar.url("/__lbheartbeat__"), &[]).await.status, 503);
+    assert_eq!(get(&sidecar.url("/proxied"), &[]).await.status, 200);
+    drop(sidecar);
+
+    // Nobody listening: it says so and fails.
+    let down = common::closed_port();
+    let out = std::process::Command::new(common::binary())
+        .arg("drain")
+        .env(
+            "DOCKERFLOW_ADMIN__LISTEN",
+            format!("127.0.0.1:{}", down.port),
+        )
+        .env_remove("DOCKERFLOW_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the admin listener"));
+}
+
+#[tokio::test]
 async fn post_drain_fails_health_and_readiness_but_keeps_serving() {
     let app = Upstream::start();
     let mut sidecar = SidecarBuilder::new(&app.url())

@@ -372,15 +372,18 @@ impl Sidecar {
     /// Runs `dockerflow-sidecar ARGS` with this sidecar's configuration and
     /// working directory (for the `reports` commands).
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        Command::new(binary())
-            .args(args)
+        let mut cmd = Command::new(binary());
+        cmd.args(args)
             .arg("--config")
             .arg(self.workdir.join("sidecar.toml"))
             .current_dir(&self.workdir)
             .env_remove("PORT")
-            .env_remove("DOCKERFLOW_CONFIG")
-            .output()
-            .unwrap()
+            .env_remove("DOCKERFLOW_CONFIG");
+        // The admin listener where it really is (it was started on port 0).
+        if let Some(admin) = self.admin {
+            cmd.env("DOCKERFLOW_ADMIN__LISTEN", admin.to_string());
+        }
+        cmd.output().unwrap()
     }
 
     /// Resident memory in KiB, from /proc.
