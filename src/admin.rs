@@ -5,6 +5,7 @@
 //! Without a token, the routes that reveal or change something (the full
 //! heartbeat, `POST /drain`) answer only clients on the loopback interface
 //! (a preStop hook runs in the pod); `/metrics` and `/ready` answer anyone.
+//! With a token, every route but `/ready` needs it.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -96,7 +97,9 @@ async fn handle(
             "without admin.token this route answers only the loopback interface",
         ));
     }
-    if let Some(token) = &token {
+    // `/ready` reveals and changes nothing, and the kubelet's probe cannot
+    // read a secret: it never needs the token.
+    if let (Some(token), false) = (&token, path == "/ready") {
         if !authorized(req.headers().get(header::AUTHORIZATION), token) {
             let mut resp = text(StatusCode::UNAUTHORIZED, "a bearer token is required");
             resp.headers_mut().insert(
