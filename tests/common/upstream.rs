@@ -48,50 +48,39 @@ pub struct Upstream {
 impl Upstream {
     /// Starts on a free TCP port.
     pub fn start() -> Upstream {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let hits = Arc::new(AtomicUsize::new(0));
-        let health = Arc::new(AtomicU16::new(200));
-        let (counter, status) = (hits.clone(), health.clone());
-        super::in_background(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                serve(TokioIo::new(stream), counter.clone(), status.clone());
-            }
-        });
-        Upstream {
-            addr: Some(addr),
-            hits,
-            health,
-        }
+        Upstream::start_tcp(None)
     }
 
     /// Starts on a free TCP port speaking TLS with `config` (HTTP/1.1).
     pub fn start_tls(config: rustls::ServerConfig) -> Upstream {
+        Upstream::start_tcp(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))))
+    }
+
+    fn start_tcp(tls: Option<tokio_rustls::TlsAcceptor>) -> Upstream {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
         let health = Arc::new(AtomicU16::new(200));
         let (counter, status) = (hits.clone(), health.clone());
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         super::in_background(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (acceptor, counter, status) =
-                    (acceptor.clone(), counter.clone(), status.clone());
-                tokio::spawn(async move {
-                    if let Ok(tls) = acceptor.accept(stream).await {
-                        serve(TokioIo::new(tls), counter, status);
+                let (counter, status) = (counter.clone(), status.clone());
+                match &tls {
+                    None => serve(TokioIo::new(stream), counter, status),
+                    Some(acceptor) => {
+                        let acceptor = acceptor.clone();
+                        tokio::spawn(async move {
+                            if let Ok(tls) = acceptor.accept(stream).await {
+                                serve(TokioIo::new(tls), counter, status);
+                            }
+                        });
                     }
-                });
+                }
             }
         });
         Upstream {
