@@ -42,6 +42,8 @@ receiver=$(head -n 1 "$OUT/receiver.txt")
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 cat >"$OUT/sidecar.toml" <<TOML
 listen = "127.0.0.1:$port"
+[admin]
+listen = "127.0.0.1:0"
 [upstream]
 url = "http://$receiver"
 [reports]

@@ -45,6 +45,7 @@ closed=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0));
 # query strings cut, dedup window 1h).
 (cd "$OUT" && \
     DOCKERFLOW_LISTEN=127.0.0.1:$port \
+    DOCKERFLOW_ADMIN__LISTEN=127.0.0.1:0 \
     DOCKERFLOW_REPORTS__RATE_PER_CLIENT=100000000 \
     DOCKERFLOW_REPORTS__BURST_PER_CLIENT=100000000 \
     DOCKERFLOW_REPORTS__GLOBAL_RATE=100000000 \

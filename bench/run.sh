@@ -240,6 +240,7 @@ start_sidecar() {
     SIDECAR_PORT=$(free_port)
     PORT=$SIDECAR_PORT \
         DOCKERFLOW_LISTEN=127.0.0.1:$SIDECAR_PORT \
+        DOCKERFLOW_ADMIN__LISTEN=127.0.0.1:$(free_port) \
         DOCKERFLOW_SERVER__WORKER_THREADS=$threads \
         DOCKERFLOW_SHUTDOWN__DRAIN=0s \
         DOCKERFLOW_SHUTDOWN__GRACE=1s \
