@@ -1,7 +1,8 @@
-//! What ships beside the binary stays true to it: the configuration
-//! reference in docs/operations.md has exactly the keys of
-//! config/dockerflow-sidecar.toml, the Kubernetes ConfigMap's TOML passes
-//! `check-config`, and the Dockerfile and manifests agree on ports and paths.
+//! What ships beside the binary stays true to it: config/dockerflow-sidecar.toml
+//! holds exactly the built-in defaults, the configuration reference in
+//! docs/operations.md has exactly its keys, the Kubernetes ConfigMap's TOML
+//! passes `check-config`, and the Dockerfile and manifests agree on ports
+//! and paths.
 
 mod common;
 
@@ -52,6 +53,26 @@ fn documented() -> Vec<(String, String)> {
             )
         })
         .collect()
+}
+
+#[test]
+fn the_example_file_holds_the_defaults_and_every_key() {
+    use dockerflow_sidecar::config::Config;
+    use figment::providers::Format;
+    let example = read("config/dockerflow-sidecar.toml");
+    let parsed: Config = figment::Figment::from(figment::providers::Toml::string(&example))
+        .extract()
+        .unwrap();
+    assert_eq!(parsed, Config::default());
+    let mut documented = BTreeSet::new();
+    keys("", &toml::from_str(&example).unwrap(), &mut documented);
+    let mut defaults = BTreeSet::new();
+    keys(
+        "",
+        &toml::Value::try_from(Config::default()).unwrap(),
+        &mut defaults,
+    );
+    assert_eq!(documented, defaults);
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::receiver::Receiver;
 use common::smtp::SmtpServer;
-use common::{get, request, Sidecar, SidecarBuilder, Upstream};
+use common::{get, Sidecar, SidecarBuilder, Upstream};
 use serde_json::Value;
 
 const MASK: &str = "********************";
@@ -579,13 +579,7 @@ async fn no_secret_from_a_request_reaches_any_output() {
         "status-code": 200,
         "x-debug": {"auth_token": "S3CRET-REPORT-3"}
     }});
-    let stored = request(
-        "POST",
-        &sidecar.url("/__cspreport__"),
-        &[("content-type", "application/csp-report")],
-        report.to_string(),
-    )
-    .await;
+    let stored = common::post_csp_report(&sidecar, report.to_string()).await;
     assert_eq!(stored.status, 204);
 
     smtp.wait_for("ERROR", 1);

@@ -507,13 +507,7 @@ async fn kill_9_during_deliveries_loses_nothing() {
         let report = format!(
             r#"{{"csp-report": {{"document-uri": "https://a.example/{i}", "violated-directive": "img-src"}}}}"#
         );
-        let reply = request(
-            "POST",
-            &sidecar.url("/__cspreport__"),
-            &[("content-type", "application/csp-report")],
-            report,
-        )
-        .await;
+        let reply = common::post_csp_report(&sidecar, report).await;
         assert_eq!(reply.status, 204);
     }
     // Every event is a row (an event is durable once its row is committed,

@@ -90,13 +90,7 @@ async fn metrics_count_known_traffic_exactly_and_pass_promtool() {
         received_bytes += reply.body.len();
     }
     let report = r#"{"csp-report": {"document-uri": "https://a.example/", "violated-directive": "img-src", "blocked-uri": "https://x.example/i.png"}}"#;
-    let reply = request(
-        "POST",
-        &sidecar.url("/__cspreport__"),
-        &[("content-type", "application/csp-report")],
-        report,
-    )
-    .await;
+    let reply = common::post_csp_report(&sidecar, report).await;
     assert_eq!(reply.status, 204);
     sent_bytes += report.len();
     let reply = request(

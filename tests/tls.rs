@@ -348,13 +348,7 @@ async fn an_https_upstream_and_https_hooks_are_verified_with_the_configured_ca()
     );
     // A hook to the same https server is delivered (it answers 200).
     let report = r#"{"csp-report": {"document-uri": "https://a.example/", "violated-directive": "img-src"}}"#;
-    let stored = common::request(
-        "POST",
-        &sidecar.url("/__cspreport__"),
-        &[("content-type", "application/csp-report")],
-        report,
-    )
-    .await;
+    let stored = common::post_csp_report(&sidecar, report).await;
     assert_eq!(stored.status, 204);
     let end = Instant::now() + common::DEADLINE;
     loop {

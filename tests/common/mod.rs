@@ -451,6 +451,18 @@ pub async fn get(url: &str, headers: &[(&str, &str)]) -> Reply {
     request("GET", url, headers, Bytes::new()).await
 }
 
+/// POSTs a legacy CSP report (`application/csp-report`) to the default
+/// report path.
+pub async fn post_csp_report(sidecar: &Sidecar, body: impl Into<Bytes>) -> Reply {
+    request(
+        "POST",
+        &sidecar.url("/__cspreport__"),
+        &[("content-type", "application/csp-report")],
+        body,
+    )
+    .await
+}
+
 /// Any request over HTTP/1.1.
 pub async fn request(
     method: &str,
