@@ -27,103 +27,19 @@ WARMUP=${BENCH_WARMUP:-2s}
 ROUNDS=${BENCH_ROUNDS:-3}
 CONNECTIONS=${BENCH_CONNECTIONS:-64}
 THREADS=${BENCH_THREADS:-2}
-READY_TIMEOUT=15 # seconds a server gets to start answering
-STOP_TIMEOUT=10  # seconds a server gets to exit after SIGTERM
-
-NGINX=${NGINX:-/usr/sbin/nginx}
-HAPROXY=${HAPROXY:-/usr/sbin/haproxy}
-WRK=${WRK:-/usr/bin/wrk}
-SIDECAR="$ROOT/target/release/dockerflow-sidecar"
-UPSTREAM_BIN="$ROOT/target/release/examples/bench_upstream"
-
-log() { printf '[bench] %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 
 for tool in "$NGINX" "$HAPROXY" "$WRK" curl python3; do
     command -v "$tool" >/dev/null || die "$tool is not installed"
 done
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "BENCH_ROUNDS must be a positive integer, not '$ROUNDS'"
 
-# --- processes we start, stopped on exit -----------------------------------
-PIDS=()
-
-stop_pid() {
-    local pid=$1 deadline
-    kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
-    kill -TERM "$pid" 2>/dev/null || true
-    deadline=$((SECONDS + STOP_TIMEOUT))
-    while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do
-        sleep 0.05
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-        log "pid $pid did not stop after SIGTERM; sending SIGKILL"
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || true
-}
-
-cleanup() {
-    local rc=$? pid
-    trap - EXIT INT TERM
-    for pid in "${PIDS[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || true
-    done
-    for pid in "${PIDS[@]}"; do
-        stop_pid "$pid"
-    done
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-# --- helpers -----------------------------------------------------------------
-
-# A port that was free a moment ago (bound to port 0, then released).
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
-}
-
-# wait_http NAME PID URL: poll URL until it answers 200, with a deadline.
-wait_http() {
-    local name=$1 pid=$2 url=$3 deadline code
-    deadline=$((SECONDS + READY_TIMEOUT))
-    while ((SECONDS < deadline)); do
-        kill -0 "$pid" 2>/dev/null || die "$name exited before it was ready (see $OUT)"
-        code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$url" || true)
-        [[ $code == 200 ]] && return 0
-        sleep 0.05
-    done
-    die "$name did not answer 200 on $url within ${READY_TIMEOUT}s (see $OUT)"
-}
-
-# first_line NAME PID FILE: the first line of FILE once it is complete.
-first_line() {
-    local name=$1 pid=$2 file=$3 deadline line
-    deadline=$((SECONDS + READY_TIMEOUT))
-    while ((SECONDS < deadline)); do
-        # Only a complete line (newline written) counts.
-        if [[ -s $file ]] && (($(wc -l <"$file") >= 1)); then
-            line=$(head -n 1 "$file")
-            printf '%s\n' "$line"
-            return 0
-        fi
-        kill -0 "$pid" 2>/dev/null || die "$name exited before it printed its address"
-        sleep 0.05
-    done
-    die "$name printed nothing within ${READY_TIMEOUT}s"
-}
-
 # --- build -------------------------------------------------------------------
-if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
-    log "building release binaries"
-    (cd "$ROOT" && cargo build --release --quiet --bin dockerflow-sidecar --example bench_upstream)
-fi
-[[ -x $SIDECAR ]] || die "$SIDECAR is missing"
-[[ -x $UPSTREAM_BIN ]] || die "$UPSTREAM_BIN is missing"
+build_binaries
 
 rm -rf "$OUT"
-mkdir -p "$OUT/nginx" "$OUT/haproxy"
+mkdir -p "$OUT"
 
 # wrk prints one JSON line with exact percentiles (microseconds) when done.
 cat >"$OUT/report.lua" <<'LUA'
@@ -141,128 +57,16 @@ done = function(summary, latency, requests)
 end
 LUA
 
-# --- upstream ------------------------------------------------------------------
-"$UPSTREAM_BIN" 127.0.0.1:0 >"$OUT/upstream.out" 2>"$OUT/upstream.err" &
-UPSTREAM_PID=$!
-PIDS+=("$UPSTREAM_PID")
-UPSTREAM_ADDR=$(first_line upstream "$UPSTREAM_PID" "$OUT/upstream.out")
-[[ $UPSTREAM_ADDR =~ ^127\.0\.0\.1:([0-9]+)$ ]] || die "upstream printed '$UPSTREAM_ADDR', not an address"
-UPSTREAM_PORT=${BASH_REMATCH[1]}
-wait_http upstream "$UPSTREAM_PID" "http://$UPSTREAM_ADDR/"
-log "upstream on $UPSTREAM_ADDR (pid $UPSTREAM_PID)"
-
-# --- nginx -------------------------------------------------------------------
-NGINX_PORT=$(free_port)
-NGINX_USER=""
-if [[ $(id -u) == 0 ]]; then
-    NGINX_USER="user root;"
-fi
-cat >"$OUT/nginx/nginx.conf" <<EOF
-$NGINX_USER
-daemon off;
-master_process on;
-worker_processes 1;
-pid $OUT/nginx/nginx.pid;
-error_log $OUT/nginx/error.log warn;
-
-events {
-    worker_connections 4096;
-}
-
-http {
-    # Logging on, as the sidecar logs every request (buffered, as the
-    # sidecar's own log writer batches its lines).
-    access_log $OUT/nginx/access.log combined buffer=64k flush=1s;
-    client_body_temp_path $OUT/nginx/client_body;
-    proxy_temp_path $OUT/nginx/proxy;
-    fastcgi_temp_path $OUT/nginx/fastcgi;
-    uwsgi_temp_path $OUT/nginx/uwsgi;
-    scgi_temp_path $OUT/nginx/scgi;
-    keepalive_timeout 60s;
-    keepalive_requests 1000000;
-
-    upstream app {
-        server 127.0.0.1:$UPSTREAM_PORT;
-        keepalive 64;
-        keepalive_requests 1000000;
-    }
-
-    server {
-        listen 127.0.0.1:$NGINX_PORT;
-        location / {
-            proxy_pass http://app;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }
-    }
-}
-EOF
-"$NGINX" -p "$OUT/nginx/" -e "$OUT/nginx/error.log" -c "$OUT/nginx/nginx.conf" \
-    >"$OUT/nginx/stdout.log" 2>&1 &
-NGINX_PID=$!
-PIDS+=("$NGINX_PID")
-wait_http nginx "$NGINX_PID" "http://127.0.0.1:$NGINX_PORT/"
-log "nginx on 127.0.0.1:$NGINX_PORT (pid $NGINX_PID)"
-
-# --- haproxy -------------------------------------------------------------------
-HAPROXY_PORT=$(free_port)
-cat >"$OUT/haproxy/haproxy.cfg" <<EOF
-global
-    nbthread 1
-    maxconn 4096
-
-defaults
-    mode http
-    option http-keep-alive
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-    timeout http-keep-alive 60s
-
-frontend bench
-    bind 127.0.0.1:$HAPROXY_PORT
-    default_backend app
-
-backend app
-    http-reuse always
-    server app 127.0.0.1:$UPSTREAM_PORT
-EOF
-"$HAPROXY" -db -f "$OUT/haproxy/haproxy.cfg" >"$OUT/haproxy/stdout.log" 2>&1 &
-HAPROXY_PID=$!
-PIDS+=("$HAPROXY_PID")
-wait_http haproxy "$HAPROXY_PID" "http://127.0.0.1:$HAPROXY_PORT/"
-log "haproxy on 127.0.0.1:$HAPROXY_PORT (pid $HAPROXY_PID)"
-
-# --- sidecar -----------------------------------------------------------------
-# start_sidecar WORKER_THREADS LOGFILE: sets SIDECAR_PORT and SIDECAR_PID.
-start_sidecar() {
-    local threads=$1 logfile=$2
-    SIDECAR_PORT=$(free_port)
-    PORT=$SIDECAR_PORT \
-        DOCKERFLOW_LISTEN=127.0.0.1:$SIDECAR_PORT \
-        DOCKERFLOW_ADMIN__LISTEN=127.0.0.1:$(free_port) \
-        DOCKERFLOW_SERVER__WORKER_THREADS=$threads \
-        DOCKERFLOW_SHUTDOWN__DRAIN=0s \
-        DOCKERFLOW_SHUTDOWN__GRACE=1s \
-        "$SIDECAR" --upstream "http://127.0.0.1:$UPSTREAM_PORT" >"$logfile" 2>&1 &
-    SIDECAR_PID=$!
-    PIDS+=("$SIDECAR_PID")
-    wait_http "sidecar ($threads threads)" "$SIDECAR_PID" "http://127.0.0.1:$SIDECAR_PORT/__lbheartbeat__"
-    # Log lines reach the file in batches (every ~10 ms): wait for it.
-    local deadline=$((SECONDS + READY_TIMEOUT))
-    until grep -q '"msg":"listening"' "$logfile"; do
-        ((SECONDS < deadline)) || die "sidecar answered but never logged 'listening'"
-        sleep 0.02
-    done
-}
-
+# --- servers -------------------------------------------------------------------
+start_upstream
+start_nginx
+start_haproxy
 start_sidecar 1 "$OUT/sidecar.log"
 SIDECAR1_PORT=$SIDECAR_PORT
 log "sidecar (1 thread) on 127.0.0.1:$SIDECAR1_PORT (pid $SIDECAR_PID)"
 start_sidecar 0 "$OUT/sidecar-2threads.log"
 SIDECAR2_PORT=$SIDECAR_PORT
 log "sidecar (default threads = $(nproc) CPUs) on 127.0.0.1:$SIDECAR2_PORT (pid $SIDECAR_PID)"
-
 # --- load --------------------------------------------------------------------
 # Targets: key|label|url, in the order they are measured within a round: the
 # sidecar right between nginx and haproxy, so that the runs whose ratios are
@@ -460,3 +264,18 @@ if bad:
     print("WARNING: wrk counted errors (non-2xx/3xx, timeouts, socket errors) for: " + ", ".join(bad))
 print(f"results: {os.path.join(out, 'results.json')}")
 PY
+
+# Issue 9's rows, with their goals (also in bench/out/goals.txt).
+python3 - "$OUT/results.json" >"$OUT/goal-rows.txt" <<'PY'
+import json, statistics, sys
+r = json.load(open(sys.argv[1]))
+ra, res = r["ratios"], r["results"]
+n, h = ra["sidecar/nginx"]["throughput"], ra["sidecar/haproxy"]["throughput"]
+lb = res["lbheartbeat"]["rps"] / res["sidecar"]["rps"]
+print(f"proxied throughput, keep-alive, 1 KiB, 64 conns\t{n:.2f} x nginx, {h:.2f} x haproxy\t>= 1.1 x both\t{'yes' if min(n, h) >= 1.1 else 'no'}")
+print(f"/__lbheartbeat__ throughput\t{lb:.1f} x proxied ({res['lbheartbeat']['rps']:.0f} req/s)\t>= 2 x proxied\t{'yes' if lb >= 2 else 'no'}")
+PY
+echo
+while IFS=$'\t' read -r label value goal met; do
+    goal_row "$label" "$value" "$goal" "$met"
+done <"$OUT/goal-rows.txt"

@@ -1,5 +1,7 @@
-//! A bare HTTP/1.1 upstream for `bench/run.sh`: every request gets a 200 with
-//! a 1 KiB body (Content-Length set) on a keep-alive connection.
+//! A bare HTTP/1.1 upstream for `bench/`: every request gets a 200 with a
+//! 1 KiB body (Content-Length set) on a keep-alive connection, except
+//! - `POST /upload`: reads the body to its end, answers `{"bytes":n}`;
+//! - `GET /download/<n>`: n bytes (Content-Length set), in 64 KiB chunks.
 //!
 //! Usage: `bench_upstream [ADDR]` (default `127.0.0.1:0`). The bound address
 //! is printed as the first line of stdout so the caller can read the port.
@@ -10,7 +12,8 @@ use std::convert::Infallible;
 use std::io::Write;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::server::conn::http1;
@@ -54,12 +57,9 @@ async fn serve(addr: String) -> std::io::Result<()> {
         let _ = stream.set_nodelay(true);
         let body = body.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |_req: Request<Incoming>| {
-                let mut resp = Response::new(Full::new(body.clone()));
-                let headers = resp.headers_mut();
-                headers.insert(CONTENT_LENGTH, HeaderValue::from(BODY_LEN));
-                headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-                async move { Ok::<_, Infallible>(resp) }
+            let service = service_fn(move |req: Request<Incoming>| {
+                let body = body.clone();
+                async move { Ok::<_, Infallible>(respond(req, body).await) }
             });
             let _ = http1::Builder::new()
                 .keep_alive(true)
@@ -67,4 +67,43 @@ async fn serve(addr: String) -> std::io::Result<()> {
                 .await;
         });
     }
+}
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+async fn respond(req: Request<Incoming>, small: Bytes) -> Response<Body> {
+    let path = req.uri().path();
+    if path == "/upload" {
+        let mut body = req.into_body();
+        let mut bytes = 0u64;
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(frame) => bytes += frame.data_ref().map_or(0, |d| d.len() as u64),
+                Err(_) => break,
+            }
+        }
+        let text = format!("{{\"bytes\":{bytes}}}");
+        return Response::new(Full::new(Bytes::from(text)).map_err(|e| match e {}).boxed());
+    }
+    if let Some(n) = path
+        .strip_prefix("/download/")
+        .and_then(|n| n.parse::<u64>().ok())
+    {
+        const CHUNK: u64 = 64 * 1024;
+        let chunk = Bytes::from(vec![b'x'; CHUNK as usize]);
+        let chunks = (0..n.div_ceil(CHUNK)).map(move |i| {
+            let len = (n - i * CHUNK).min(CHUNK) as usize;
+            Ok(hyper::body::Frame::data(chunk.slice(..len)))
+        });
+        let stream = StreamBody::new(futures_util::stream::iter(chunks));
+        let mut resp = Response::new(BodyExt::boxed(stream));
+        resp.headers_mut()
+            .insert(CONTENT_LENGTH, HeaderValue::from(n));
+        return resp;
+    }
+    let mut resp = Response::new(Full::new(small).map_err(|e| match e {}).boxed());
+    let headers = resp.headers_mut();
+    headers.insert(CONTENT_LENGTH, HeaderValue::from(BODY_LEN));
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp
 }

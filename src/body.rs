@@ -10,6 +10,7 @@ use hyper::body::Incoming;
 
 use crate::error_reports::Capture;
 use crate::mozlog::RequestSummary;
+use crate::pool::Lease;
 
 /// A request body on its way to the app that says when it has been sent in
 /// full: the response-header timeout only starts then, so a slow upload is
@@ -24,25 +25,26 @@ pub struct RequestBody {
 
 impl RequestBody {
     /// Wraps `inner`; the returned receiver resolves when it has been sent
-    /// (or abandoned). An already-empty body resolves at once.
+    /// (or abandoned); there is none for a body that is already empty.
     pub fn new(
         inner: Incoming,
         received: prometheus::IntCounter,
-    ) -> (RequestBody, tokio::sync::oneshot::Receiver<()>) {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let sent = if inner.is_end_stream() {
-            None
-        } else {
-            Some(tx)
-        };
-        (
-            RequestBody {
+    ) -> (RequestBody, Option<tokio::sync::oneshot::Receiver<()>>) {
+        if inner.is_end_stream() {
+            let body = RequestBody {
                 inner,
                 received,
-                sent,
-            },
-            rx,
-        )
+                sent: None,
+            };
+            return (body, None);
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let body = RequestBody {
+            inner,
+            received,
+            sent: Some(tx),
+        };
+        (body, Some(rx))
     }
 }
 
@@ -92,8 +94,9 @@ pub struct ResponseBody {
 enum Inner {
     /// A body the sidecar wrote itself; `None` once sent.
     Full(Option<Bytes>),
-    /// The app's body, streamed frame by frame (trailers included).
-    Upstream(Incoming),
+    /// The app's body, streamed frame by frame (trailers included), and the
+    /// connection it came on, back to the pool once the body has ended.
+    Upstream(Incoming, Option<Lease<RequestBody>>),
 }
 
 impl ResponseBody {
@@ -117,10 +120,10 @@ impl ResponseBody {
         }
     }
 
-    /// The app's streamed body.
-    pub fn upstream(body: Incoming) -> Self {
+    /// The app's streamed body, which came on `lease`'s connection.
+    pub fn upstream(body: Incoming, lease: Lease<RequestBody>) -> Self {
         ResponseBody {
-            inner: Inner::Upstream(body),
+            inner: Inner::Upstream(body, Some(lease)),
             summary: None,
             capture: None,
         }
@@ -157,10 +160,13 @@ impl Body for ResponseBody {
                 }
                 Poll::Ready(bytes.map(|b| Ok(Frame::data(b))))
             }
-            Inner::Upstream(body) => {
+            Inner::Upstream(body, lease) => {
                 let polled = Pin::new(body).poll_frame(cx);
                 match &polled {
+                    Poll::Ready(None) => release(lease),
                     Poll::Ready(Some(Err(e))) => {
+                        // The connection is not reused.
+                        *lease = None;
                         if let Some(summary) = this.summary.as_mut() {
                             summary.fail_body(format!("upstream response body failed: {e}"));
                         }
@@ -190,7 +196,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             Inner::Full(bytes) => bytes.is_none(),
-            Inner::Upstream(body) => body.is_end_stream(),
+            Inner::Upstream(body, _) => body.is_end_stream(),
         }
     }
 
@@ -198,7 +204,26 @@ impl Body for ResponseBody {
         match &self.inner {
             Inner::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             Inner::Full(None) => SizeHint::with_exact(0),
-            Inner::Upstream(body) => body.size_hint(),
+            Inner::Upstream(body, _) => body.size_hint(),
         }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        // hyper stops polling a body that says it has ended: its connection
+        // is free as soon as the last byte was read.
+        if let Inner::Upstream(body, lease) = &mut self.inner {
+            if body.is_end_stream() {
+                release(lease);
+            }
+        }
+    }
+}
+
+/// Returns the connection to the pool (once).
+fn release(lease: &mut Option<Lease<RequestBody>>) {
+    if let Some(lease) = lease.take() {
+        lease.release();
     }
 }

@@ -14,6 +14,7 @@ pub mod hooks;
 pub mod mail;
 pub mod metrics;
 pub mod mozlog;
+pub mod pool;
 pub mod proxy;
 pub mod reports;
 pub mod router;
@@ -219,6 +220,7 @@ pub async fn serve(
         addr = %addr,
         upstream = %app.config.upstream.url,
         tls = app.tls.is_some(),
+        workers = tokio::runtime::Handle::current().metrics().num_workers() as u64,
         version = env!("CARGO_PKG_VERSION"),
         "listening"
     );

@@ -326,15 +326,21 @@ fn serve(config: Config, overrides: Overrides) -> ExitCode {
         tracing_subscriber::registry().with(MozlogLayer::new(logger.clone(), config.logging.level));
     let _ = tracing::subscriber::set_global_default(subscriber);
 
+    // 0: as many workers as CPUs the process may use. The standard library
+    // counts the CPU affinity mask and the container's cgroup quota (v1
+    // `cpu.cfs_quota_us`, v2 `cpu.max`, rounded down, at least 1), so a pod
+    // limited to 1 CPU (or 500m) gets one worker, not one per host core.
+    let workers = match config.server.worker_threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
     // One worker needs no work stealing: the current-thread scheduler does
     // the same job with less bookkeeping per task wake-up.
-    let mut runtime = if config.server.worker_threads == 1 {
+    let mut runtime = if workers == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {
         let mut builder = tokio::runtime::Builder::new_multi_thread();
-        if config.server.worker_threads > 1 {
-            builder.worker_threads(config.server.worker_threads);
-        }
+        builder.worker_threads(workers);
         builder
     };
     runtime.enable_all();

@@ -18,11 +18,12 @@ use crate::error_chain;
 use crate::error_reports::ErrorReports;
 use crate::metrics::Metrics;
 use crate::mozlog::RequestSummary;
+use crate::pool::{Lease, Pool, SendError};
 use crate::upstream::{self, UpstreamClient};
 
 /// Forwards requests to the one configured upstream.
 pub struct Proxy {
-    client: UpstreamClient<RequestBody>,
+    pool: Pool<RequestBody>,
     /// For bodies the sidecar has already read (reports passed on).
     copies: UpstreamClient<http_body_util::Full<bytes::Bytes>>,
     /// Copies in flight at most; more are not sent (and say so).
@@ -69,7 +70,11 @@ impl Proxy {
     ) -> Result<Proxy, String> {
         let open = &metrics.upstream_connections;
         Ok(Proxy {
-            client: upstream::client(&config.upstream, open.clone())?,
+            pool: Pool::new(
+                upstream::UpstreamConnector::new(&config.upstream, open.clone())?,
+                config.upstream.pool_max_idle,
+                config.upstream.pool_idle_timeout,
+            ),
             copies: upstream::client(&config.upstream, open.clone())?,
             copy_slots: Arc::new(tokio::sync::Semaphore::new(COPIES_IN_FLIGHT)),
             authority: upstream::authority(&config.upstream.url),
@@ -122,7 +127,7 @@ impl Proxy {
         let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
         let target_authority = req.uri().authority().cloned();
 
-        *req.uri_mut() = self.upstream_uri(req.uri());
+        *req.uri_mut() = origin_form(req.uri());
         *req.version_mut() = Version::HTTP_11;
         let headers = req.headers_mut();
         strip_hop_by_hop(headers);
@@ -136,13 +141,13 @@ impl Proxy {
 
         let (parts, body) = req.into_parts();
         let (body, body_sent) = RequestBody::new(body, self.metrics.request_bytes.clone());
-        let mut resp = match self.send(Request::from_parts(parts, body), body_sent).await {
-            Ok(Ok(resp)) => resp,
+        let (mut resp, lease) = match self.send(Request::from_parts(parts, body), body_sent).await {
+            Ok(Ok(sent)) => sent,
             Ok(Err(e)) => {
                 let (status, text) = if e.is_connect() {
                     self.metrics.upstream_connect_errors.inc();
                     (StatusCode::BAD_GATEWAY, "upstream unreachable")
-                } else if client_body_failed(&e) {
+                } else if e.is_client_body() {
                     (StatusCode::BAD_REQUEST, "bad request body")
                 } else {
                     (StatusCode::BAD_GATEWAY, "upstream failed")
@@ -192,7 +197,7 @@ impl Proxy {
                 );
                 self.error_response(status, "upstream failed", rid, summary)
             }
-            _ => resp.map(|body| ResponseBody::upstream(body).with_summary(summary)),
+            _ => resp.map(|body| ResponseBody::upstream(body, lease).with_summary(summary)),
         }
     }
 
@@ -249,12 +254,16 @@ impl Proxy {
     async fn send(
         &self,
         req: Request<RequestBody>,
-        body_sent: tokio::sync::oneshot::Receiver<()>,
+        body_sent: Option<tokio::sync::oneshot::Receiver<()>>,
     ) -> Result<
-        Result<Response<Incoming>, hyper_util::client::legacy::Error>,
+        Result<(Response<Incoming>, Lease<RequestBody>), SendError>,
         tokio::time::error::Elapsed,
     > {
-        let response = self.client.request(req);
+        let response = self.pool.send(req);
+        let Some(body_sent) = body_sent else {
+            // No body to send: the clock starts now.
+            return tokio::time::timeout(self.response_header_timeout, response).await;
+        };
         tokio::pin!(response);
         tokio::select! {
             biased;
@@ -388,17 +397,15 @@ fn set_host(headers: &mut HeaderMap, target: Option<&Authority>, upstream: &Auth
     }
 }
 
-/// True when the request failed because the client's body did (a broken
-/// chunked encoding, a client that went away): the client's fault, not the app's.
-fn client_body_failed(e: &hyper_util::client::legacy::Error) -> bool {
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        if let Some(hyper_error) = cause.downcast_ref::<hyper::Error>() {
-            return hyper_error.is_user();
-        }
-        source = cause.source();
+/// The target as the app gets it: origin form, path and query exactly as
+/// received (an absolute-form target loses its scheme and authority, which
+/// went to Host).
+fn origin_form(uri: &Uri) -> Uri {
+    match uri.path_and_query() {
+        Some(_) if uri.authority().is_none() && uri.scheme().is_none() => uri.clone(),
+        Some(pq) => Uri::from(pq.clone()),
+        None => Uri::from_static("/"),
     }
-    false
 }
 
 /// `X-Forwarded-Proto`: `https` when the sidecar terminated TLS itself

@@ -78,7 +78,8 @@ enum Target {
 }
 
 impl UpstreamConnector {
-    fn new(config: &UpstreamConfig, open: prometheus::IntGauge) -> Result<Self, String> {
+    /// The connector for `config.url`; `open` counts its open connections.
+    pub fn new(config: &UpstreamConfig, open: prometheus::IntGauge) -> Result<Self, String> {
         let target = match &config.url {
             UpstreamUrl::Http { authority } => Target::Tcp(Arc::from(authority.as_str())),
             UpstreamUrl::Https { authority } => {
@@ -118,10 +119,19 @@ impl tower_service::Service<Uri> for UpstreamConnector {
     }
 
     fn call(&mut self, _uri: Uri) -> Self::Future {
+        Box::pin(self.connect())
+    }
+}
+
+impl UpstreamConnector {
+    /// Opens a new connection to the upstream, within the connect timeout.
+    pub fn connect(
+        &self,
+    ) -> impl Future<Output = io::Result<TokioIo<UpstreamStream>>> + Send + 'static {
         let target = self.target.clone();
         let limit = self.connect_timeout;
         let open = self.open.clone();
-        Box::pin(async move {
+        async move {
             let connect = async {
                 match &target {
                     Target::Tcp(addr) => {
@@ -157,7 +167,7 @@ impl tower_service::Service<Uri> for UpstreamConnector {
                     ),
                 )),
             }
-        })
+        }
     }
 }
 

@@ -130,6 +130,8 @@ pub struct SidecarBuilder {
     files: Vec<(String, String)>,
     shutdown: (String, String),
     workdir: Option<PathBuf>,
+    /// Run under `taskset -c` with this CPU list.
+    cpus: Option<String>,
 }
 
 /// A port where connections are refused for as long as this lives: the
@@ -181,6 +183,7 @@ impl SidecarBuilder {
             files: Vec::new(),
             shutdown: ("50ms".into(), "5s".into()),
             workdir: None,
+            cpus: None,
         }
     }
 
@@ -217,6 +220,12 @@ impl SidecarBuilder {
         self
     }
 
+    /// Runs it on these CPUs only (`taskset -c LIST`).
+    pub fn cpus(mut self, list: &str) -> Self {
+        self.cpus = Some(list.into());
+        self
+    }
+
     /// Writes a file into the sidecar's working directory before it starts.
     pub fn file(mut self, name: &str, contents: &str) -> Self {
         self.files.push((name.into(), contents.into()));
@@ -243,7 +252,14 @@ impl SidecarBuilder {
         for (name, contents) in &self.files {
             std::fs::write(workdir.join(name), contents).unwrap();
         }
-        let mut cmd = Command::new(binary());
+        let mut cmd = match &self.cpus {
+            None => Command::new(binary()),
+            Some(list) => {
+                let mut cmd = Command::new("taskset");
+                cmd.arg("-c").arg(list).arg(binary());
+                cmd
+            }
+        };
         cmd.arg("--config")
             .arg(&config)
             .args(&self.args)

@@ -12,7 +12,7 @@
 //! - `/bogus-101`: 101 whatever the request asked;
 //! - `/csp-page`, `/csp-page-report-to`: HTML whose CSP the page itself violates;
 //! - `/count`: reads the body and answers `{"bytes": n}`;
-//! - `/download/<n>`: streams n bytes;
+//! - `/download/<n>`: streams n bytes, rounded down to whole 64 KiB chunks;
 //! - anything else: a JSON echo of the request as received.
 
 use std::convert::Infallible;
@@ -41,6 +41,8 @@ pub struct Upstream {
     pub addr: Option<SocketAddr>,
     /// Requests it has received.
     pub hits: Arc<AtomicUsize>,
+    /// Connections it has accepted (TCP only).
+    pub accepted: Arc<AtomicUsize>,
     /// The status `/health` answers (200 at first).
     pub health: Arc<AtomicU16>,
 }
@@ -62,13 +64,15 @@ impl Upstream {
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
         let health = Arc::new(AtomicU16::new(200));
-        let (counter, status) = (hits.clone(), health.clone());
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (counter, status, connections) = (hits.clone(), health.clone(), accepted.clone());
         super::in_background(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                connections.fetch_add(1, Ordering::SeqCst);
                 let (counter, status) = (counter.clone(), status.clone());
                 match &tls {
                     None => serve(TokioIo::new(stream), counter, status),
@@ -86,6 +90,7 @@ impl Upstream {
         Upstream {
             addr: Some(addr),
             hits,
+            accepted,
             health,
         }
     }
@@ -109,6 +114,7 @@ impl Upstream {
         Upstream {
             addr: None,
             hits,
+            accepted: Arc::new(AtomicUsize::new(0)),
             health,
         }
     }
@@ -121,6 +127,11 @@ impl Upstream {
     /// Requests received so far.
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
+    }
+
+    /// Connections accepted so far (TCP only).
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
     }
 
     /// Sets the status `/health` answers.

@@ -1,0 +1,262 @@
+# Shared by the bench/ scripts: process bookkeeping (everything started is
+# stopped on exit), readiness polling, and the servers measured side by side:
+# the bare upstream (examples/bench_upstream.rs), nginx and haproxy (one
+# worker each, keep-alive to the upstream, access logging on) and the sidecar.
+#
+# The sourcing script sets ROOT and OUT (its output directory) first.
+
+READY_TIMEOUT=15 # seconds a server gets to start answering
+STOP_TIMEOUT=10  # seconds a server gets to exit after SIGTERM
+
+NGINX=${NGINX:-/usr/sbin/nginx}
+HAPROXY=${HAPROXY:-/usr/sbin/haproxy}
+WRK=${WRK:-/usr/bin/wrk}
+SIDECAR="$ROOT/target/release/dockerflow-sidecar"
+UPSTREAM_BIN="$ROOT/target/release/examples/bench_upstream"
+
+log() { printf '[bench] %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# --- processes we start, stopped on exit -----------------------------------
+PIDS=()
+
+stop_pid() {
+    local pid=$1 deadline
+    kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
+    kill -TERM "$pid" 2>/dev/null || true
+    deadline=$((SECONDS + STOP_TIMEOUT))
+    while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do
+        sleep 0.05
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        log "pid $pid did not stop after SIGTERM; sending SIGKILL"
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+    local rc=$? pid
+    trap - EXIT INT TERM
+    for pid in "${PIDS[@]}"; do
+        kill -TERM "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        stop_pid "$pid"
+    done
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# --- helpers -----------------------------------------------------------------
+
+# A port that was free a moment ago (bound to port 0, then released).
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+# wait_http NAME PID URL: poll URL until it answers 200, with a deadline.
+wait_http() {
+    local name=$1 pid=$2 url=$3 deadline code
+    deadline=$((SECONDS + READY_TIMEOUT))
+    while ((SECONDS < deadline)); do
+        kill -0 "$pid" 2>/dev/null || die "$name exited before it was ready (see $OUT)"
+        code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$url" || true)
+        [[ $code == 200 ]] && return 0
+        sleep 0.05
+    done
+    die "$name did not answer 200 on $url within ${READY_TIMEOUT}s (see $OUT)"
+}
+
+# first_line NAME PID FILE: the first line of FILE once it is complete.
+first_line() {
+    local name=$1 pid=$2 file=$3 deadline line
+    deadline=$((SECONDS + READY_TIMEOUT))
+    while ((SECONDS < deadline)); do
+        # Only a complete line (newline written) counts.
+        if [[ -s $file ]] && (($(wc -l <"$file") >= 1)); then
+            line=$(head -n 1 "$file")
+            printf '%s\n' "$line"
+            return 0
+        fi
+        kill -0 "$pid" 2>/dev/null || die "$name exited before it printed its address"
+        sleep 0.05
+    done
+    die "$name printed nothing within ${READY_TIMEOUT}s"
+}
+
+# build_binaries: the release sidecar and bench upstream, unless
+# BENCH_SKIP_BUILD=1.
+build_binaries() {
+    if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
+        log "building release binaries"
+        (cd "$ROOT" && cargo build --release --quiet --bin dockerflow-sidecar --example bench_upstream)
+    fi
+    [[ -x $SIDECAR ]] || die "$SIDECAR is missing"
+    [[ -x $UPSTREAM_BIN ]] || die "$UPSTREAM_BIN is missing"
+}
+
+# start_upstream: sets UPSTREAM_ADDR, UPSTREAM_PORT and UPSTREAM_PID.
+start_upstream() {
+    "$UPSTREAM_BIN" 127.0.0.1:0 >"$OUT/upstream.out" 2>"$OUT/upstream.err" &
+    UPSTREAM_PID=$!
+    PIDS+=("$UPSTREAM_PID")
+    UPSTREAM_ADDR=$(first_line upstream "$UPSTREAM_PID" "$OUT/upstream.out")
+    [[ $UPSTREAM_ADDR =~ ^127\.0\.0\.1:([0-9]+)$ ]] || die "upstream printed '$UPSTREAM_ADDR', not an address"
+    UPSTREAM_PORT=${BASH_REMATCH[1]}
+    wait_http upstream "$UPSTREAM_PID" "http://$UPSTREAM_ADDR/"
+    log "upstream on $UPSTREAM_ADDR (pid $UPSTREAM_PID)"
+}
+
+# start_nginx: sets NGINX_PORT and NGINX_PID.
+start_nginx() {
+    mkdir -p "$OUT/nginx"
+    NGINX_PORT=$(free_port)
+    NGINX_USER=""
+    if [[ $(id -u) == 0 ]]; then
+        NGINX_USER="user root;"
+    fi
+    cat >"$OUT/nginx/nginx.conf" <<EOF
+$NGINX_USER
+daemon off;
+master_process on;
+worker_processes 1;
+pid $OUT/nginx/nginx.pid;
+error_log $OUT/nginx/error.log warn;
+
+events {
+    worker_connections 4096;
+}
+
+http {
+    # Logging on, as the sidecar logs every request (buffered, as the
+    # sidecar's own log writer batches its lines).
+    access_log $OUT/nginx/access.log combined buffer=64k flush=1s;
+    client_body_temp_path $OUT/nginx/client_body;
+    proxy_temp_path $OUT/nginx/proxy;
+    fastcgi_temp_path $OUT/nginx/fastcgi;
+    uwsgi_temp_path $OUT/nginx/uwsgi;
+    scgi_temp_path $OUT/nginx/scgi;
+    keepalive_timeout 60s;
+    keepalive_requests 1000000;
+
+    upstream app {
+        server 127.0.0.1:$UPSTREAM_PORT;
+        keepalive 64;
+        keepalive_requests 1000000;
+    }
+
+    server {
+        listen 127.0.0.1:$NGINX_PORT;
+        location / {
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+    "$NGINX" -p "$OUT/nginx/" -e "$OUT/nginx/error.log" -c "$OUT/nginx/nginx.conf" \
+        >"$OUT/nginx/stdout.log" 2>&1 &
+    NGINX_PID=$!
+    PIDS+=("$NGINX_PID")
+    wait_http nginx "$NGINX_PID" "http://127.0.0.1:$NGINX_PORT/"
+    log "nginx on 127.0.0.1:$NGINX_PORT (pid $NGINX_PID)"
+}
+
+# start_haproxy: sets HAPROXY_PORT and HAPROXY_PID.
+start_haproxy() {
+    mkdir -p "$OUT/haproxy"
+    HAPROXY_PORT=$(free_port)
+    cat >"$OUT/haproxy/haproxy.cfg" <<EOF
+global
+    nbthread 1
+    maxconn 4096
+
+defaults
+    mode http
+    option http-keep-alive
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout http-keep-alive 60s
+
+frontend bench
+    bind 127.0.0.1:$HAPROXY_PORT
+    default_backend app
+
+backend app
+    http-reuse always
+    server app 127.0.0.1:$UPSTREAM_PORT
+EOF
+    "$HAPROXY" -db -f "$OUT/haproxy/haproxy.cfg" >"$OUT/haproxy/stdout.log" 2>&1 &
+    HAPROXY_PID=$!
+    PIDS+=("$HAPROXY_PID")
+    wait_http haproxy "$HAPROXY_PID" "http://127.0.0.1:$HAPROXY_PORT/"
+    log "haproxy on 127.0.0.1:$HAPROXY_PORT (pid $HAPROXY_PID)"
+}
+
+# start_sidecar WORKER_THREADS LOGFILE: sets SIDECAR_PORT and SIDECAR_PID.
+start_sidecar() {
+    local threads=$1 logfile=$2
+    SIDECAR_PORT=$(free_port)
+    PORT=$SIDECAR_PORT \
+        DOCKERFLOW_LISTEN=127.0.0.1:$SIDECAR_PORT \
+        DOCKERFLOW_ADMIN__LISTEN=127.0.0.1:$(free_port) \
+        DOCKERFLOW_SERVER__WORKER_THREADS=$threads \
+        DOCKERFLOW_SHUTDOWN__DRAIN=0s \
+        DOCKERFLOW_SHUTDOWN__GRACE=1s \
+        "$SIDECAR" --upstream "http://127.0.0.1:$UPSTREAM_PORT" >"$logfile" 2>&1 &
+    SIDECAR_PID=$!
+    PIDS+=("$SIDECAR_PID")
+    wait_http "sidecar ($threads threads)" "$SIDECAR_PID" "http://127.0.0.1:$SIDECAR_PORT/__lbheartbeat__"
+    # Log lines reach the file in batches (every ~10 ms): wait for it.
+    local deadline=$((SECONDS + READY_TIMEOUT))
+    until grep -q '"msg":"listening"' "$logfile"; do
+        ((SECONDS < deadline)) || die "sidecar answered but never logged 'listening'"
+        sleep 0.02
+    done
+}
+
+# goal_row LABEL VALUE GOAL MET: prints one row of issue 9's table and adds it
+# to bench/out/goals.txt (bench/all.sh prints them all at the end). MET is
+# yes, no or "-" (not judged).
+goal_row() {
+    local line
+    line=$(printf '%-46s %-34s goal %-24s %s' "$1" "$2" "$3" "$([[ $4 == yes ]] && echo met || { [[ $4 == no ]] && echo 'NOT MET' || echo ''; })")
+    printf '%s\n' "$line"
+    mkdir -p "$ROOT/bench/out"
+    printf '%s\n' "$line" >>"$ROOT/bench/out/goals.txt"
+}
+
+# ensure_oha: sets OHA to an oha binary (open-loop load with latency
+# correction), installing it from crates.io into target/bench-tools once.
+ensure_oha() {
+    OHA=${OHA:-$(command -v oha || true)}
+    if [[ -z $OHA ]]; then
+        OHA="$ROOT/target/bench-tools/bin/oha"
+        if [[ ! -x $OHA ]]; then
+            log "installing oha 1.16.0 from crates.io into target/bench-tools (once, a few minutes)"
+            cargo install oha --locked --version 1.16.0 --root "$ROOT/target/bench-tools" --quiet
+        fi
+    fi
+}
+
+# rss_kib PID: resident memory now.
+rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
+
+# cpu_ticks PID: user + system clock ticks used so far.
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+
+# sample_rss PID FILE: appends PID's RSS (KiB) to FILE every 50 ms until the
+# process exits or the sampler is killed; sets SAMPLER_PID.
+sample_rss() {
+    local pid=$1 file=$2
+    (while kill -0 "$pid" 2>/dev/null; do rss_kib "$pid" >>"$file" 2>/dev/null || true; sleep 0.05; done) &
+    SAMPLER_PID=$!
+}
+
+# max_of FILE: the largest number in FILE.
+max_of() { sort -n "$1" | tail -n 1; }
