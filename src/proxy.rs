@@ -425,17 +425,18 @@ fn forwarded_proto(headers: &mut HeaderMap, https: bool) {
 /// Appends the peer's address to `X-Forwarded-For`, joining any values
 /// already present into one header.
 fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
+    use std::fmt::Write as _;
     let name = HeaderName::from_static("x-forwarded-for");
-    let ip = peer.ip().to_canonical().to_string();
-    let mut joined = String::new();
+    // One allocation, handed to the header value as is.
+    let mut joined = String::with_capacity(48);
     for value in headers.get_all(&name) {
         if let Ok(v) = value.to_str() {
             joined.push_str(v);
             joined.push_str(", ");
         }
     }
-    joined.push_str(&ip);
-    if let Ok(value) = HeaderValue::from_str(&joined) {
+    let _ = write!(joined, "{}", peer.ip().to_canonical());
+    if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(joined)) {
         headers.insert(name, value);
     }
 }

@@ -76,7 +76,7 @@ pub async fn handle(
         req.method(),
         req.uri(),
         req.headers(),
-        String::from_utf8_lossy(rid.as_bytes()).into_owned(),
+        rid.clone(),
         app.config.logging.querystring.then_some(&*app.scrubber),
     );
 

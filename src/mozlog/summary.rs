@@ -5,6 +5,9 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Instant;
 
+use std::borrow::Cow;
+
+use http::header::HeaderValue;
 use http::{HeaderMap, Method};
 use serde::Serialize;
 
@@ -23,9 +26,11 @@ pub struct RequestSummary {
     method: Option<Method>,
     path: String,
     querystring: Option<String>,
-    agent: String,
-    lang: String,
-    rid: String,
+    // Header values are kept as received (a reference count, no copy) and
+    // turned into text only when the line is written.
+    agent: Option<HeaderValue>,
+    lang: Option<HeaderValue>,
+    rid: Option<HeaderValue>,
     code: u16,
     /// Why the proxy failed the request; `Some` makes the line an error.
     failure: Option<String>,
@@ -63,15 +68,9 @@ impl RequestSummary {
         method: &Method,
         uri: &http::Uri,
         headers: &HeaderMap,
-        rid: String,
+        rid: HeaderValue,
         log_query: Option<&crate::scrub::Scrubber>,
     ) -> RequestSummary {
-        let header = |name: http::header::HeaderName| {
-            headers
-                .get(name)
-                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-                .unwrap_or_default()
-        };
         let querystring = log_query.and_then(|scrubber| {
             uri.query().map(|q| {
                 let q = scrubber.query(q, &mut crate::scrub::Secrets::default());
@@ -89,9 +88,9 @@ impl RequestSummary {
             method: Some(method.clone()),
             path: uri.path().to_owned(),
             querystring,
-            agent: header(http::header::USER_AGENT),
-            lang: header(http::header::ACCEPT_LANGUAGE),
-            rid,
+            agent: headers.get(http::header::USER_AGENT).cloned(),
+            lang: headers.get(http::header::ACCEPT_LANGUAGE).cloned(),
+            rid: Some(rid),
             code: 0,
             failure: None,
             note: None,
@@ -115,9 +114,9 @@ impl RequestSummary {
             method: None,
             path: String::new(),
             querystring: None,
-            agent: String::new(),
-            lang: String::new(),
-            rid: String::new(),
+            agent: None,
+            lang: None,
+            rid: None,
             code,
             failure: Some(cause),
             note: None,
@@ -156,11 +155,13 @@ impl RequestSummary {
     pub fn started(&self) -> Instant {
         self.start
     }
+}
 
-    /// The request id.
-    pub fn rid(&self) -> &str {
-        &self.rid
-    }
+/// A header value as text for the line (lossy for non-UTF-8 bytes).
+fn text(value: &Option<HeaderValue>) -> Cow<'_, str> {
+    value
+        .as_ref()
+        .map_or(Cow::Borrowed(""), |v| String::from_utf8_lossy(v.as_bytes()))
 }
 
 impl Drop for RequestSummary {
@@ -184,14 +185,15 @@ impl Drop for RequestSummary {
         } else {
             Severity::Info
         };
+        let (agent, lang, rid) = (text(&self.agent), text(&self.lang), text(&self.rid));
         let fields = Fields {
             errno: if self.failure.is_some() { self.code } else { 0 },
-            agent: &self.agent,
-            lang: &self.lang,
+            agent: &agent,
+            lang: &lang,
             method: self.method.as_ref().map_or("", Method::as_str),
             path: &self.path,
             querystring: self.querystring.as_deref(),
-            rid: &self.rid,
+            rid: &rid,
             t,
             code: self.code,
             msg: self.failure.as_deref().or(self.note),
@@ -202,7 +204,7 @@ impl Drop for RequestSummary {
             if let Some(q) = &self.querystring {
                 let _ = write!(s, "?{q}");
             }
-            let _ = write!(s, " {t}ms rid={}", self.rid);
+            let _ = write!(s, " {t}ms rid={rid}");
             if let Some(msg) = self.failure.as_deref().or(self.note) {
                 let _ = write!(s, " msg={msg:?}");
             }
