@@ -172,6 +172,11 @@ impl Body for ResponseBody {
                         }
                     }
                     Poll::Ready(Some(Ok(frame))) => {
+                        // Trailers end the body: hyper will not poll again,
+                        // and has already made the connection reusable.
+                        if frame.is_trailers() {
+                            release(lease);
+                        }
                         if let (Some(summary), Some(data)) =
                             (this.summary.as_mut(), frame.data_ref())
                         {

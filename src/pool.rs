@@ -211,12 +211,19 @@ impl<B> Lease<B> {
             return;
         }
         let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < pool.max_idle {
-            idle.push(Idle {
-                sender: self.sender,
-                since: Instant::now(),
-            });
+        if idle.len() >= pool.max_idle {
+            // Full: make room by closing one that cannot serve now (still
+            // sending an upload the app answered early, or closed), oldest
+            // first; otherwise this one is not kept.
+            match idle.iter().position(|e| !e.sender.is_ready()) {
+                Some(stale) => drop(idle.remove(stale)),
+                None => return,
+            }
         }
+        idle.push(Idle {
+            sender: self.sender,
+            since: Instant::now(),
+        });
     }
 }
 

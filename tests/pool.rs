@@ -39,6 +39,9 @@ async fn one_connection_serves_every_kind_of_exchange_in_turn() {
         assert_eq!(get(&sidecar.url("/status/503"), &[]).await.status, 503);
         let trailers = get(&sidecar.url("/trailers"), &[]).await;
         assert_eq!(trailers.status, 200);
+        // With TE: trailers the app sends them, and they end the body.
+        let with = request("GET", &sidecar.url("/trailers"), &[("te", "trailers")], "").await;
+        assert_eq!(with.status, 200);
         let download = get(&sidecar.url("/download/327680"), &[]).await;
         assert_eq!(download.body.len(), 327_680);
         assert_eq!(
@@ -47,7 +50,7 @@ async fn one_connection_serves_every_kind_of_exchange_in_turn() {
             "round {round}: every exchange went over the one pooled connection"
         );
     }
-    assert_eq!(app.hits(), 160);
+    assert_eq!(app.hits(), 180);
 }
 
 #[tokio::test]
