@@ -16,22 +16,14 @@ OUT="$ROOT/bench/out/hooks"
 DURATION=${BENCH_DURATION:-10s}
 CONNECTIONS=${BENCH_CONNECTIONS:-16}
 GOAL=2000
-SIDECAR="$ROOT/target/release/dockerflow-sidecar"
-RECEIVER="$ROOT/target/release/examples/bench_upstream"
-
-log() { printf '[bench] %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+RECEIVER=$UPSTREAM_BIN
 for tool in wrk curl python3 sqlite3; do
     command -v "$tool" >/dev/null || die "$tool is not installed (apt-get install wrk curl sqlite3)"
 done
-if [ -z "${BENCH_SKIP_BUILD:-}" ]; then
-    (cd "$ROOT" && cargo build --release --bin dockerflow-sidecar --example bench_upstream)
-fi
+build_binaries
 rm -rf "$OUT" && mkdir -p "$OUT"
-
-PIDS=()
-cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
 
 "$RECEIVER" 127.0.0.1:0 >"$OUT/receiver.txt" &
 PIDS+=($!)
@@ -39,7 +31,7 @@ end=$((SECONDS + 10))
 until [ -s "$OUT/receiver.txt" ]; do ((SECONDS < end)) || die "receiver did not start"; sleep 0.05; done
 receiver=$(head -n 1 "$OUT/receiver.txt")
 
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+port=$(free_port)
 cat >"$OUT/sidecar.toml" <<TOML
 listen = "127.0.0.1:$port"
 [admin]

@@ -18,28 +18,17 @@ DURATION=${BENCH_DURATION:-10s}
 CONNECTIONS=${BENCH_CONNECTIONS:-64}
 THREADS=${BENCH_THREADS:-2}
 GOAL=20000
-SIDECAR="$ROOT/target/release/dockerflow-sidecar"
-
-log() { printf '[bench] %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 for tool in wrk curl python3 sqlite3; do
     command -v "$tool" >/dev/null || die "$tool is not installed (apt-get install wrk curl sqlite3)"
 done
 
-if [ -z "${BENCH_SKIP_BUILD:-}" ]; then
-    (cd "$ROOT" && cargo build --release --bin dockerflow-sidecar)
-fi
+build_binaries
 rm -rf "$OUT" && mkdir -p "$OUT"
 
-PID=
-cleanup() {
-    [ -n "$PID" ] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null
-    true
-}
-trap cleanup EXIT
-
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-closed=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+port=$(free_port)
+closed=$(free_port)
 # Limits raised: one load generator on one address is not the flood the
 # per-client limit is for. Everything else is the default (logging at warn,
 # query strings cut, dedup window 1h).
@@ -52,6 +41,7 @@ closed=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0));
     DOCKERFLOW_SHUTDOWN__DRAIN=0s \
     exec "$SIDECAR" --upstream "http://127.0.0.1:$closed" >"$OUT/sidecar.log" 2>&1) &
 PID=$!
+PIDS+=("$PID")
 end=$((SECONDS + 15))
 until curl -fs -o /dev/null "http://127.0.0.1:$port/__lbheartbeat__"; do
     ((SECONDS < end)) || die "the sidecar did not start"

@@ -189,15 +189,6 @@ where
             .call_once(|| drop(tokio::spawn(reap(weak))));
         Ok(sender)
     }
-
-    /// Idle connections now (for tests and metrics).
-    pub fn idle(&self) -> usize {
-        self.shared
-            .idle
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .len()
-    }
 }
 
 impl<B> Lease<B> {
