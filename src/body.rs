@@ -16,7 +16,8 @@ use crate::pool::Lease;
 /// full: the response-header timeout only starts then, so a slow upload is
 /// not mistaken for a slow app.
 pub struct RequestBody {
-    inner: Incoming,
+    /// `None`: an empty body made for a replay (see [`RequestBody::replay`]).
+    inner: Option<Incoming>,
     /// Counts the bytes received.
     received: prometheus::IntCounter,
     /// Fired (or dropped) when the body ends; `None` once done.
@@ -32,7 +33,7 @@ impl RequestBody {
     ) -> (RequestBody, Option<tokio::sync::oneshot::Receiver<()>>) {
         if inner.is_end_stream() {
             let body = RequestBody {
-                inner,
+                inner: Some(inner),
                 received,
                 sent: None,
             };
@@ -40,11 +41,23 @@ impl RequestBody {
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
         let body = RequestBody {
-            inner,
+            inner: Some(inner),
             received,
             sent: Some(tx),
         };
         (body, Some(rx))
+    }
+}
+
+impl crate::pool::Replay for RequestBody {
+    /// Only an empty body can be sent again: the bytes of any other were
+    /// streamed through and are gone.
+    fn replay(&self) -> Option<RequestBody> {
+        self.is_end_stream().then(|| RequestBody {
+            inner: None,
+            received: self.received.clone(),
+            sent: None,
+        })
     }
 }
 
@@ -57,14 +70,16 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(&mut *inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(data) = frame.data_ref() {
                 this.received.inc_by(data.len() as u64);
             }
         }
-        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_))))
-            || this.inner.is_end_stream()
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) || inner.is_end_stream()
         {
             if let Some(sent) = this.sent.take() {
                 let _ = sent.send(());
@@ -74,11 +89,13 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
 }
 

@@ -98,6 +98,8 @@ pub struct Metrics {
     pub upstream_connect_errors: IntCounter,
     /// Requests the app did not answer in time (504).
     pub upstream_timeouts: IntCounter,
+    /// Requests sent again on a new connection after a pooled one was lost.
+    pub upstream_retries: IntCounter,
     /// Connections to the app open now, in use or idle in the pool.
     pub upstream_connections: IntGauge,
     check_level: IntGaugeVec,
@@ -225,6 +227,10 @@ impl Metrics {
                 "upstream_timeouts_total",
                 "Requests the app did not answer within upstream.response_header_timeout.",
             ),
+            upstream_retries: counter(
+                "upstream_retries_total",
+                "Requests sent again on a new connection because the pooled connection they went on was closed by the app before answering (only requests never written, or idempotent ones without a body).",
+            ),
             upstream_connections: gauge(
                 "upstream_connections",
                 "Connections to the app open now, in use or idle in the pool.",
@@ -292,6 +298,7 @@ impl Metrics {
             Box::new(metrics.open_tunnels.clone()),
             Box::new(metrics.upstream_connect_errors.clone()),
             Box::new(metrics.upstream_timeouts.clone()),
+            Box::new(metrics.upstream_retries.clone()),
             Box::new(metrics.upstream_connections.clone()),
             Box::new(metrics.check_level.clone()),
             Box::new(metrics.check_duration.clone()),

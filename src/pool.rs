@@ -10,16 +10,23 @@
 //! tenth of the proxy's user time).
 //!
 //! Safety of reuse: a request goes on an idle connection only if hyper says
-//! the connection is ready, and when a reused connection turns out closed
-//! before the request was written (the app closed it while it sat idle),
-//! hyper hands the request back untouched and it is sent once more on a new
-//! connection. A request that may have reached the app is never sent twice.
+//! the connection is ready. A reused connection can still turn out closed by
+//! the app (its keep-alive timeout raced our request):
+//! - before the request was written, hyper hands the request back untouched
+//!   and it goes once more on a new connection, whatever its method;
+//! - after it was written but before any response came, it goes once more on
+//!   a new connection only if it is idempotent (RFC 9110 §9.2.2: GET, HEAD,
+//!   OPTIONS, TRACE, PUT, DELETE) and has no body, as nginx does with its
+//!   cached connections. A POST, or any request with a body, gets the error
+//!   (a 502): it may have reached the app and is never sent twice.
+//!
+//! A new connection is never retried: its failure is the app's answer.
 
 use std::fmt;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use http::{Request, Response};
+use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 
@@ -39,6 +46,8 @@ struct Shared<B> {
     idle_timeout: Duration,
     /// Set once the idle reaper runs.
     reaper: std::sync::Once,
+    /// Requests sent again after their reused connection was lost.
+    retries: prometheus::IntCounter,
 }
 
 struct Idle<B> {
@@ -53,6 +62,38 @@ struct Idle<B> {
 pub struct Lease<B> {
     sender: SendRequest<B>,
     pool: Weak<Shared<B>>,
+}
+
+/// A request body that can make an identical copy of itself when it is
+/// empty, so that its request can be sent again.
+pub trait Replay: Sized {
+    /// An empty body like this one, or `None` when this one is not empty.
+    fn replay(&self) -> Option<Self>;
+}
+
+/// A copy of `req` to send again if the connection it goes on fails after
+/// writing it: only an idempotent request without a body has one.
+fn replay_copy<B: Replay>(req: &Request<B>) -> Option<Request<B>> {
+    let idempotent = matches!(
+        *req.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    );
+    if !idempotent {
+        return None;
+    }
+    let mut copy = Request::new(req.body().replay()?);
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
+}
+
+/// Whether a request written on a reused connection failed because the
+/// connection went away (closed, reset) rather than because of what the app
+/// answered: only then may it be sent again.
+fn connection_lost(e: &hyper::Error) -> bool {
+    !(e.is_parse() || e.is_parse_status() || e.is_user() || e.is_timeout())
 }
 
 /// Why a request got no response.
@@ -96,16 +137,23 @@ impl std::error::Error for SendError {
 
 impl<B> Pool<B>
 where
-    B: http_body::Body + Send + 'static,
+    B: http_body::Body + Replay + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     /// A pool keeping at most `max_idle` idle connections, each for at most
     /// `idle_timeout`.
-    pub fn new(connector: UpstreamConnector, max_idle: usize, idle_timeout: Duration) -> Self {
+    /// Requests sent again are counted in `retries`.
+    pub fn new(
+        connector: UpstreamConnector,
+        max_idle: usize,
+        idle_timeout: Duration,
+        retries: prometheus::IntCounter,
+    ) -> Self {
         Pool {
             shared: Arc::new(Shared {
                 connector,
+                retries,
                 idle: Mutex::new(Vec::new()),
                 max_idle,
                 idle_timeout,
@@ -118,16 +166,29 @@ where
     /// one, and returns the response head with the connection's lease.
     pub async fn send(&self, req: Request<B>) -> Result<(Response<Incoming>, Lease<B>), SendError> {
         let req = match self.checkout() {
-            Some(mut sender) => match sender.try_send_request(req).await {
-                Ok(resp) => return Ok((resp, self.lease(sender))),
-                Err(mut e) => match e.take_message() {
-                    // Never written: the connection was closed while idle.
-                    Some(req) => req,
-                    None => return Err(SendError::Http(e.into_error())),
-                },
-            },
-            None => req,
+            Some(mut sender) => {
+                let copy = replay_copy(&req);
+                match sender.try_send_request(req).await {
+                    Ok(resp) => return Ok((resp, self.lease(sender))),
+                    Err(mut e) => match (e.take_message(), copy) {
+                        // Never written: the connection was closed while idle.
+                        (Some(req), _) => req,
+                        // Written, and the connection was lost before any
+                        // response: idempotent and bodiless, so it may go again.
+                        (None, Some(copy)) if connection_lost(e.error()) => copy,
+                        (None, _) => return Err(SendError::Http(e.into_error())),
+                    },
+                }
+            }
+            None => return self.send_new(req).await,
         };
+        self.shared.retries.inc();
+        tracing::debug!("a pooled connection to the app was closed under a request: sending it again on a new one");
+        self.send_new(req).await
+    }
+
+    /// Sends `req` on a new connection.
+    async fn send_new(&self, req: Request<B>) -> Result<(Response<Incoming>, Lease<B>), SendError> {
         let mut sender = self.connect().await?;
         match sender.send_request(req).await {
             Ok(resp) => Ok((resp, self.lease(sender))),

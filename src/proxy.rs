@@ -74,6 +74,7 @@ impl Proxy {
                 upstream::UpstreamConnector::new(&config.upstream, open.clone())?,
                 config.upstream.pool_max_idle,
                 config.upstream.pool_idle_timeout,
+                metrics.upstream_retries.clone(),
             ),
             copies: upstream::client(&config.upstream, open.clone())?,
             copy_slots: Arc::new(tokio::sync::Semaphore::new(COPIES_IN_FLIGHT)),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 
 use crate::body::ResponseBody;
@@ -60,15 +60,34 @@ fn request_id(app: &App, req: &Request<Incoming>) -> HeaderValue {
     }
 }
 
-/// Answers one request.
+/// Answers one request. While draining, an HTTP/1 response also closes
+/// its connection (`Connection: close`), so that keep-alive clients (a load
+/// balancer's pooled connections) move to a new connection, and so off this
+/// instance, before the listener closes; hyper's graceful shutdown does the
+/// same for HTTP/2 with GOAWAY when the drain ends.
 pub async fn handle(
     app: Arc<App>,
     peer: SocketAddr,
     https: bool,
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
+    let http1 = req.version() < Version::HTTP_2;
+    let mut resp = answer(&app, peer, https, req).await;
+    if http1 && app.shutdown.is_draining() && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    Ok(resp)
+}
+
+async fn answer(
+    app: &Arc<App>,
+    peer: SocketAddr,
+    https: bool,
+    req: Request<Incoming>,
+) -> Response<ResponseBody> {
     let start = Instant::now();
-    let rid = request_id(&app, &req);
+    let rid = request_id(app, &req);
     let mut summary = RequestSummary::start(
         app.logger.clone(),
         app.metrics.clone(),
@@ -92,10 +111,10 @@ pub async fn handle(
     if req.method() == Method::CONNECT {
         // The destination is only ever the configured upstream.
         let resp = dockerflow::text(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported");
-        return Ok(finish(&app, resp, rid, summary));
+        return finish(app, resp, rid, summary);
     }
     if route == Route::Proxy {
-        return Ok(app.proxy.forward(req, peer, https, rid, summary).await);
+        return app.proxy.forward(req, peer, https, rid, summary).await;
     }
     if route == Route::Report {
         // The request head, kept only when accepted reports are passed on.
@@ -110,7 +129,7 @@ pub async fn handle(
         if let (Some(head), Some(body)) = (head, outcome.forward) {
             app.proxy.send_copy(head, body, peer, https, rid.clone());
         }
-        return Ok(finish(&app, outcome.response, rid, summary));
+        return finish(app, outcome.response, rid, summary);
     }
 
     let resp = if req.method() != Method::GET && req.method() != Method::HEAD {
@@ -127,7 +146,7 @@ pub async fn handle(
             Route::Proxy | Route::Report => unreachable!("handled above"),
         }
     };
-    Ok(finish(&app, resp, rid, summary))
+    finish(app, resp, rid, summary)
 }
 
 /// Adds the request id and attaches the summary to a local response.

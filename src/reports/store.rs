@@ -86,6 +86,10 @@ struct Shared {
     metrics: Arc<crate::metrics::Metrics>,
     /// Body bytes queued and not yet written.
     queued_bytes: AtomicUsize,
+    /// Unix seconds of the last "cannot store" error (one per `WARN_EVERY`),
+    /// and the reports lost since it was logged.
+    failure_logged: AtomicU64,
+    lost_since_logged: AtomicU64,
 }
 
 /// At most one warning about dropped reports this often.
@@ -118,6 +122,8 @@ impl ReportStore {
         let retention = millis(retention);
         let shared = Arc::new(Shared {
             dropped: AtomicU64::new(0),
+            failure_logged: AtomicU64::new(0),
+            lost_since_logged: AtomicU64::new(0),
             metrics,
             queued_bytes: AtomicUsize::new(0),
         });
@@ -269,19 +275,24 @@ fn write_batch(conn: &mut Connection, batch: Vec<Msg>, shared: &Shared, window: 
                 }
                 break;
             }
-            Err(e) if attempt < COMMIT_ATTEMPTS => {
+            // Locked by another connection: worth waiting for. Anything
+            // else (disk full, read-only or broken file) will not pass by
+            // retrying this batch at once, and retrying would stall the
+            // queue behind it: the batch is dropped and counted.
+            Err(e) if attempt < COMMIT_ATTEMPTS && is_busy(&e) => {
                 tracing::warn!(error = %e, attempt = attempt as u64, "cannot store reports yet; retrying");
                 std::thread::sleep(delay);
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
             Err(e) => {
-                tracing::error!(error = %e, lost = reports.len() as u64, "cannot store reports: counted as dropped");
                 shared
                     .dropped
                     .fetch_add(reports.len() as u64, Ordering::Relaxed);
                 for report in &reports {
                     shared.metrics.report(&report.kind, ReportOutcome::Dropped);
                 }
+                log_failure(shared, &e, reports.len() as u64);
+                break;
             }
         }
     }
@@ -289,6 +300,34 @@ fn write_batch(conn: &mut Connection, batch: Vec<Msg>, shared: &Shared, window: 
     for ack in acks {
         let _ = ack.send(());
     }
+}
+
+/// Whether SQLite failed only because another connection holds the lock.
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
+/// Logs that `lost` reports could not be stored, at most once per
+/// `WARN_EVERY` (a full disk fails every batch): the line counts every
+/// report lost since the last one.
+fn log_failure(shared: &Shared, e: &rusqlite::Error, lost: u64) {
+    let lost = shared.lost_since_logged.fetch_add(lost, Ordering::Relaxed) + lost;
+    let now = (unix_ms(SystemTime::now()) / 1000) as u64;
+    let last = shared.failure_logged.load(Ordering::Relaxed);
+    if last != 0 && now < last + WARN_EVERY {
+        return;
+    }
+    shared.failure_logged.store(now, Ordering::Relaxed);
+    shared.lost_since_logged.store(0, Ordering::Relaxed);
+    tracing::error!(
+        error = %e,
+        lost,
+        every = WARN_EVERY,
+        "cannot store reports: counted as dropped (logged at most once per `every` seconds)"
+    );
 }
 
 /// Adds to the count of an identical report within the window (true), or

@@ -143,6 +143,13 @@ pub struct ClosedPort {
     _socket: tokio::net::TcpSocket,
 }
 
+impl ClosedPort {
+    /// Starts listening on the port (an app that comes back).
+    pub fn listen(self) -> std::net::TcpListener {
+        self._socket.listen(128).unwrap().into_std().unwrap()
+    }
+}
+
 /// A [`ClosedPort`] on 127.0.0.1.
 pub fn closed_port() -> ClosedPort {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
