@@ -1,8 +1,11 @@
 //! The body of every response the sidecar sends: a streamed upstream body or
 //! a small local one, carrying the request's summary line until it ends.
 
+use std::fmt;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -13,8 +16,10 @@ use crate::mozlog::RequestSummary;
 use crate::pool::Lease;
 
 /// A request body on its way to the app that says when it has been sent in
-/// full: the response-header timeout only starts then, so a slow upload is
-/// not mistaken for a slow app.
+/// full (the response-header timeout only starts then, so a slow upload is
+/// not mistaken for a slow app), and that fails when the client pauses
+/// longer than the stall limit between two reads (a slow-body attack holds
+/// no connection to the app for longer than that).
 pub struct RequestBody {
     /// `None`: an empty body made for a replay (see [`RequestBody::replay`]).
     inner: Option<Incoming>,
@@ -22,20 +27,47 @@ pub struct RequestBody {
     received: prometheus::IntCounter,
     /// Fired (or dropped) when the body ends; `None` once done.
     sent: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Fires when the client has sent nothing for `limit`; reset by each
+    /// frame. `None` for an empty body.
+    stall: Option<Stall>,
 }
 
+struct Stall {
+    timer: Pin<Box<tokio::time::Sleep>>,
+    limit: Duration,
+}
+
+/// The client paused longer than the limit in the middle of a request body.
+#[derive(Debug)]
+pub struct BodyStalled(pub Duration);
+
+impl fmt::Display for BodyStalled {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the client sent no request body bytes for {}",
+            humantime::format_duration(self.0)
+        )
+    }
+}
+
+impl std::error::Error for BodyStalled {}
+
 impl RequestBody {
-    /// Wraps `inner`; the returned receiver resolves when it has been sent
-    /// (or abandoned); there is none for a body that is already empty.
+    /// Wraps `inner`, failing it when the client pauses longer than `stall`;
+    /// the returned receiver resolves when it has been sent (or abandoned);
+    /// there is none for a body that is already empty.
     pub fn new(
         inner: Incoming,
         received: prometheus::IntCounter,
+        stall: Duration,
     ) -> (RequestBody, Option<tokio::sync::oneshot::Receiver<()>>) {
         if inner.is_end_stream() {
             let body = RequestBody {
                 inner: Some(inner),
                 received,
                 sent: None,
+                stall: None,
             };
             return (body, None);
         }
@@ -44,8 +76,19 @@ impl RequestBody {
             inner: Some(inner),
             received,
             sent: Some(tx),
+            stall: Some(Stall {
+                timer: Box::pin(tokio::time::sleep(stall)),
+                limit: stall,
+            }),
         };
         (body, Some(rx))
+    }
+
+    fn done(&mut self) {
+        if let Some(sent) = self.sent.take() {
+            let _ = sent.send(());
+        }
+        self.stall = None;
     }
 }
 
@@ -57,35 +100,55 @@ impl crate::pool::Replay for RequestBody {
             inner: None,
             received: self.received.clone(),
             sent: None,
+            stall: None,
         })
     }
 }
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        let polled = Pin::new(&mut *inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                this.received.inc_by(data.len() as u64);
+        match Pin::new(&mut *inner).poll_frame(cx) {
+            Poll::Pending => {
+                if let Some(stall) = this.stall.as_mut() {
+                    if stall.timer.as_mut().poll(cx).is_ready() {
+                        let limit = stall.limit;
+                        this.done();
+                        return Poll::Ready(Some(Err(Box::new(BodyStalled(limit)))));
+                    }
+                }
+                Poll::Pending
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.received.inc_by(data.len() as u64);
+                }
+                if inner.is_end_stream() {
+                    this.done();
+                } else if let Some(stall) = this.stall.as_mut() {
+                    let deadline = tokio::time::Instant::now() + stall.limit;
+                    stall.timer.as_mut().reset(deadline);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.done();
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                this.done();
+                Poll::Ready(None)
             }
         }
-        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) || inner.is_end_stream()
-        {
-            if let Some(sent) = this.sent.take() {
-                let _ = sent.send(());
-            }
-        }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {

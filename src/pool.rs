@@ -111,7 +111,19 @@ impl SendError {
         matches!(self, SendError::Connect(_))
     }
 
-    /// True when the request body failed (the client's fault, not the app's).
+    /// Whether the client paused too long in the middle of its request body.
+    pub fn is_client_body_stalled(&self) -> bool {
+        let mut source = std::error::Error::source(self);
+        while let Some(e) = source {
+            if e.is::<crate::body::BodyStalled>() {
+                return true;
+            }
+            source = e.source();
+        }
+        false
+    }
+
+    /// Whether the client's request body failed (the client's fault).
     pub fn is_client_body(&self) -> bool {
         matches!(self, SendError::Http(e) if e.is_user())
     }

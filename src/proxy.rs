@@ -34,6 +34,9 @@ pub struct Proxy {
     rid_header: HeaderName,
     /// Longest wait for the response head.
     response_header_timeout: Duration,
+    /// Longest pause of a client between two reads of a request body
+    /// (`server.idle_timeout`); then 408.
+    body_stall_timeout: Duration,
     /// Where WebSocket and other upgraded tunnels are tracked for shutdown.
     tunnels: TaskTracker,
     /// Turns error responses into `upstream.error` and `broken_link` events.
@@ -79,6 +82,7 @@ impl Proxy {
             copies: upstream::client(&config.upstream, open.clone())?,
             copy_slots: Arc::new(tokio::sync::Semaphore::new(COPIES_IN_FLIGHT)),
             authority: upstream::authority(&config.upstream.url),
+            body_stall_timeout: config.server.idle_timeout,
             rid_header: config.logging.request_id_header.name.clone(),
             response_header_timeout: config.upstream.response_header_timeout,
             tunnels,
@@ -141,13 +145,19 @@ impl Proxy {
         headers.insert(self.rid_header.clone(), rid.clone());
 
         let (parts, body) = req.into_parts();
-        let (body, body_sent) = RequestBody::new(body, self.metrics.request_bytes.clone());
+        let (body, body_sent) = RequestBody::new(
+            body,
+            self.metrics.request_bytes.clone(),
+            self.body_stall_timeout,
+        );
         let (mut resp, lease) = match self.send(Request::from_parts(parts, body), body_sent).await {
             Ok(Ok(sent)) => sent,
             Ok(Err(e)) => {
                 let (status, text) = if e.is_connect() {
                     self.metrics.upstream_connect_errors.inc();
                     (StatusCode::BAD_GATEWAY, "upstream unreachable")
+                } else if e.is_client_body_stalled() {
+                    (StatusCode::REQUEST_TIMEOUT, "request body timed out")
                 } else if e.is_client_body() {
                     (StatusCode::BAD_REQUEST, "bad request body")
                 } else {

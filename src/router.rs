@@ -113,6 +113,13 @@ async fn answer(
         let resp = dockerflow::text(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported");
         return finish(app, resp, rid, summary);
     }
+    if let Some(reason) = refusal(&req) {
+        let mut resp = dockerflow::text(StatusCode::BAD_REQUEST, reason);
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        summary.fail(400, format!("malformed request: {reason}"));
+        return finish(app, resp, rid, summary);
+    }
     if route == Route::Proxy {
         return app.proxy.forward(req, peer, https, rid, summary).await;
     }
@@ -147,6 +154,36 @@ async fn answer(
         }
     };
     finish(app, resp, rid, summary)
+}
+
+/// Why a request hyper accepted must still be refused: what RFC 9112 says
+/// a server must reject, so that no request reaches the app that another
+/// parser could read differently.
+fn refusal(req: &Request<Incoming>) -> Option<&'static str> {
+    let headers = req.headers();
+    if req.version() == Version::HTTP_11 {
+        // §3.2: exactly one Host.
+        let mut hosts = headers.get_all(header::HOST).iter();
+        match (hosts.next(), hosts.next()) {
+            (None, _) => return Some("no Host header"),
+            (Some(_), Some(_)) => return Some("more than one Host header"),
+            _ => {}
+        }
+    }
+    // Transfer-Encoding with Content-Length (§6.3) never gets here as such:
+    // hyper drops the Content-Length, reads the body as chunked and closes
+    // the connection after the response, so nothing behind the body is
+    // read as a request; the app gets it re-framed, chunked.
+    // §3.2.3, §3.2.4: authority-form is for CONNECT, asterisk-form for
+    // OPTIONS only.
+    let uri = req.uri();
+    if uri.scheme().is_none() && uri.authority().is_some() {
+        return Some("an authority-form target is only for CONNECT");
+    }
+    if uri.path() == "*" && req.method() != Method::OPTIONS {
+        return Some("an asterisk-form target is only for OPTIONS");
+    }
+    None
 }
 
 /// Adds the request id and attaches the summary to a local response.

@@ -633,3 +633,68 @@ async fn sigkill_while_reports_are_written_leaves_a_sound_state_file() {
     assert_eq!(post_report(&sidecar, 99_999_999, 400).await, 204);
     wait_for_rows(&db, rows + 1).await;
 }
+
+#[tokio::test]
+async fn heartbeat_dependencies_that_hang_and_flap_never_hold_the_route_past_its_bound() {
+    // Each connection gets the next behaviour in turn: healthy, failing,
+    // hanging (accepts, reads, never answers), closing at once.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    listener.set_nonblocking(true).unwrap();
+    common::in_background(async move {
+        let listener = TcpListener::from_std(listener).unwrap();
+        for turn in 0usize.. {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                if read_request(&mut stream, &mut buf).await.is_none() {
+                    return;
+                }
+                let reply: &[u8] = match turn % 4 {
+                    0 => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                    1 => b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 2\r\n\r\nno",
+                    2 => return std::future::pending().await,
+                    _ => return,
+                };
+                let _ = stream.write_all(reply).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    let app = Upstream::start();
+    let sidecar = SidecarBuilder::new(&app.url())
+        .toml(&format!(
+            "[heartbeat]\ntimeout = \"300ms\"\ncache_ttl = \"0s\"\ndetails = \"full\"\n\
+             [[heartbeat.checks]]\nname = \"flappy\"\nkind = \"http\"\nurl = \"http://{addr}/\"\n\
+             [[heartbeat.checks]]\nname = \"db\"\nkind = \"tcp\"\nurl = \"tcp://{}\"\n",
+            app.addr.unwrap()
+        ))
+        .start();
+
+    let url = sidecar.url("/__heartbeat__");
+    let mut statuses = std::collections::BTreeMap::new();
+    for round in 0..16 {
+        // Four polls at once, sixteen times: every answer within the check
+        // timeout plus a margin for a loaded machine.
+        let started = Instant::now();
+        let replies = futures_util::future::join_all((0..4).map(|_| get(&url, &[]))).await;
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(1300),
+            "round {round} took {took:?}; the bound is 300ms"
+        );
+        for reply in replies {
+            let body = reply.json();
+            let flappy = body["details"]["flappy"]["messages"].to_string();
+            *statuses
+                .entry((reply.status, flappy.contains("timed out")))
+                .or_insert(0) += 1;
+        }
+    }
+    // Every behaviour was seen: passing, failing, and timed out.
+    assert!(statuses.contains_key(&(200, false)), "{statuses:?}");
+    assert!(statuses.contains_key(&(500, false)), "{statuses:?}");
+    assert!(statuses.contains_key(&(500, true)), "{statuses:?}");
+}
