@@ -374,6 +374,11 @@ async fn sigterm_under_steady_load_fails_no_request() {
     }
     let total = sent.load(Ordering::SeqCst);
     let failed = failures.lock().unwrap().clone();
+    eprintln!(
+        "sigterm under load: {total} requests, {} failed, {} answered with Connection: close during the drain",
+        failed.len(),
+        closes.load(Ordering::SeqCst)
+    );
     assert!(
         failed.is_empty(),
         "{} of {total} failed: {failed:?}",
