@@ -525,6 +525,17 @@ async fn kill_9_during_deliveries_loses_nothing() {
     receiver.wait_for("/slow", 4);
     sidecar.signal(libc::SIGKILL);
     sidecar.wait_exit();
+    // The state file survived the kill intact, every row still there.
+    let db = rusqlite::Connection::open(sidecar.workdir.join("dockerflow-sidecar.db")).unwrap();
+    let check: String = db
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+    let outbox: usize = db
+        .query_row("SELECT count(*) FROM hook_outbox", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(outbox, N, "no outbox row lost");
+    drop(db);
 
     // Restart on the same state file, the hook now pointing at a receiver that answers.
     let sidecar = start("/ok");
