@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -35,6 +36,11 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, signal: impl Future<Out
     tracing::info!(drain = %humantime::format_duration(drain), "draining: health routes answer 503, traffic still served");
     accept_until(&app, &listener, &builder, tokio::time::sleep(drain)).await;
 
+    // Connections the kernel has already completed would be reset with the
+    // listener: take them, so their first request is served.
+    while let Some(Ok((stream, peer))) = listener.accept().now_or_never() {
+        spawn_connection(app.clone(), builder.clone(), stream, peer);
+    }
     drop(listener);
     app.shutdown.stop();
     let tracker = app.shutdown.tracker();
@@ -103,11 +109,12 @@ fn spawn_connection(
     peer: SocketAddr,
 ) {
     let tracker = app.shutdown.tracker().clone();
+    let accepted = tokio::time::Instant::now();
     tracker.spawn(async move {
         let _open = GaugeGuard::new(&app.metrics.open_connections);
         let _ = stream.set_nodelay(true);
         match app.tls.as_ref().map(|(_, acceptor)| acceptor.clone()) {
-            None => serve_io(app, builder, TokioIo::new(stream), peer, false).await,
+            None => serve_io(app, builder, TokioIo::new(stream), peer, false, accepted).await,
             Some(acceptor) => {
                 // Bounded like the request head: a client that never
                 // finishes its handshake does not hold the connection.
@@ -117,7 +124,9 @@ fn spawn_connection(
                     _ = app.shutdown.stopped() => return,
                 };
                 match handshake {
-                    Ok(Ok(tls)) => serve_io(app, builder, TokioIo::new(tls), peer, true).await,
+                    Ok(Ok(tls)) => {
+                        serve_io(app, builder, TokioIo::new(tls), peer, true, accepted).await
+                    }
                     Ok(Err(e)) => tracing::debug!(peer = %peer, error = %e, "TLS handshake failed"),
                     Err(_) => tracing::debug!(peer = %peer, "TLS handshake timed out"),
                 }
@@ -126,14 +135,21 @@ fn spawn_connection(
     });
 }
 
+/// How long a connection accepted just before the stop may take to send
+/// its first request: hyper's graceful shutdown would otherwise close it
+/// unread (it looks idle), failing a request the client has already sent.
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+
 /// Serves one connection's requests (plain or TLS) until it ends or, on
-/// stop, until its in-flight request is done.
+/// stop, until its in-flight request is done; a connection younger than
+/// `FIRST_REQUEST_GRACE` is given the rest of it first.
 async fn serve_io<I>(
     app: Arc<App>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     io: TokioIo<I>,
     peer: SocketAddr,
     https: bool,
+    accepted: tokio::time::Instant,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -144,8 +160,15 @@ async fn serve_io<I>(
     let result = tokio::select! {
         result = conn.as_mut() => result,
         _ = app.shutdown.stopped() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+            // While draining, every HTTP/1 response closes its connection,
+            // so a young one usually ends by itself once it is answered.
+            match tokio::time::timeout_at(accepted + FIRST_REQUEST_GRACE, conn.as_mut()).await {
+                Ok(result) => result,
+                Err(_) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
         }
     };
     if let Err(e) = result {

@@ -99,3 +99,38 @@ async fn open_tunnel_keeps_the_process_until_it_closes() {
     assert_eq!(sidecar.wait_exit(), Some(0));
     assert_eq!(sidecar.summary_for("tun-2")["Fields"]["code"], 101);
 }
+
+/// A client whose connection was accepted just before the stop, and whose
+/// request arrives just after it, is still answered: the connection is not
+/// closed unread as if it were idle.
+#[tokio::test]
+async fn a_request_on_a_connection_opened_just_before_the_stop_is_served() {
+    use std::io::{Read, Write};
+    let app = Upstream::start();
+    let mut sidecar = SidecarBuilder::new(&app.url()).shutdown("0s", "5s").start();
+    let mut stream = std::net::TcpStream::connect(sidecar.addr).unwrap();
+    stream.set_read_timeout(Some(common::DEADLINE)).unwrap();
+    // Accepted: the gauge of open connections says so.
+    let metrics = sidecar.admin_url("/metrics");
+    let end = std::time::Instant::now() + common::DEADLINE;
+    while !String::from_utf8_lossy(&get(&metrics, &[]).await.body)
+        .contains("dockerflow_sidecar_open_connections 1")
+    {
+        assert!(std::time::Instant::now() < end, "never accepted");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+
+    sidecar.signal(libc::SIGTERM);
+    sidecar
+        .stdout
+        .wait_for("the listener closing", |l| l.contains("listener closed"));
+    stream
+        .write_all(b"GET /late HTTP/1.1\r\nHost: h\r\nx-request-id: late-1\r\n\r\n")
+        .unwrap();
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response:?}");
+    assert_eq!(sidecar.wait_exit(), Some(0));
+    assert_eq!(sidecar.summary_for("late-1")["Fields"]["code"], 200);
+}
