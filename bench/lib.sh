@@ -11,8 +11,13 @@ STOP_TIMEOUT=10  # seconds a server gets to exit after SIGTERM
 NGINX=${NGINX:-/usr/sbin/nginx}
 HAPROXY=${HAPROXY:-/usr/sbin/haproxy}
 WRK=${WRK:-/usr/bin/wrk}
-SIDECAR="$ROOT/target/release/dockerflow-sidecar"
-UPSTREAM_BIN="$ROOT/target/release/examples/bench_upstream"
+# Binaries come from cargo's target directory: CARGO_TARGET_DIR when set
+# (relative to the repository, as cargo resolves it from there), else target/.
+TARGET_DIR=${CARGO_TARGET_DIR:-target}
+[[ $TARGET_DIR == /* ]] || TARGET_DIR="$ROOT/$TARGET_DIR"
+SIDECAR="$TARGET_DIR/release/dockerflow-sidecar"
+UPSTREAM_BIN="$TARGET_DIR/release/examples/bench_upstream"
+MIXED_LOAD_BIN="$TARGET_DIR/release/examples/mixed_load"
 
 log() { printf '[bench] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -96,6 +101,16 @@ build_binaries() {
     fi
     [[ -x $SIDECAR ]] || die "$SIDECAR is missing"
     [[ -x $UPSTREAM_BIN ]] || die "$UPSTREAM_BIN is missing"
+}
+
+# build_mixed_load: the release load generator (examples/mixed_load.rs),
+# unless BENCH_SKIP_BUILD=1.
+build_mixed_load() {
+    if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
+        log "building the load generator"
+        (cd "$ROOT" && cargo build --release --quiet --example mixed_load)
+    fi
+    [[ -x $MIXED_LOAD_BIN ]] || die "$MIXED_LOAD_BIN is missing"
 }
 
 # start_upstream: sets UPSTREAM_ADDR, UPSTREAM_PORT and UPSTREAM_PID.
@@ -260,3 +275,38 @@ sample_rss() {
 
 # max_of FILE: the largest number in FILE.
 max_of() { sort -n "$1" | tail -n 1; }
+
+# fd_count PID: open file descriptors now.
+fd_count() { find "/proc/$1/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l; }
+
+# exited PID: true once PID has exited (gone, or a zombie not yet reaped;
+# kill -0 still succeeds on a zombie).
+exited() {
+    local state
+    state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 0
+    [[ -z $state || $state == Z ]]
+}
+
+# term_and_time PID TIMEOUT: SIGTERM, then waits up to TIMEOUT seconds (10 ms
+# steps) for PID, a child of this shell, to exit; sets EXIT_STATUS (143 after
+# a SIGKILL at the deadline) and EXIT_SECONDS (from the signal to the exit).
+term_and_time() {
+    local pid=$1 timeout=$2 t0 deadline
+    t0=$(date +%s%N)
+    deadline=$((t0 + timeout * 1000000000))
+    kill -TERM "$pid"
+    until exited "$pid"; do
+        if (($(date +%s%N) > deadline)); then
+            log "pid $pid still running ${timeout}s after SIGTERM; sending SIGKILL"
+            kill -KILL "$pid" 2>/dev/null || true
+            break
+        fi
+        sleep 0.01
+    done
+    EXIT_SECONDS=$(awk -v a="$t0" -v b="$(date +%s%N)" 'BEGIN { printf "%.2f", (b - a) / 1e9 }')
+    EXIT_STATUS=0
+    wait "$pid" || EXIT_STATUS=$?
+}
+
+# fd_limit PID: the process's soft limit on open files.
+fd_limit() { awk '/^Max open files/ { print $4 }' "/proc/$1/limits"; }

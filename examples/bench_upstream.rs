@@ -1,7 +1,12 @@
 //! A bare HTTP/1.1 upstream for `bench/`: every request gets a 200 with a
 //! 1 KiB body (Content-Length set) on a keep-alive connection, except
 //! - `POST /upload`: reads the body to its end, answers `{"bytes":n}`;
-//! - `GET /download/<n>`: n bytes (Content-Length set), in 64 KiB chunks.
+//! - `GET /download/<n>`: n bytes (Content-Length set), in 64 KiB chunks;
+//! - `GET /ws` with `Connection: Upgrade` and an `Upgrade` header (e.g.
+//!   `websocket`): 101 with the same `Upgrade`, then every byte read from the
+//!   tunnel is written back unchanged until the client closes its side (a
+//!   WebSocket-style upgrade without WebSocket framing: the sidecar only
+//!   tunnels bytes). Used by `examples/mixed_load.rs`.
 //!
 //! Usage: `bench_upstream [ADDR]` (default `127.0.0.1:0`). The bound address
 //! is printed as the first line of stdout so the caller can read the port.
@@ -15,11 +20,12 @@ use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, UPGRADE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Request, Response};
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 const BODY_LEN: usize = 1024;
@@ -64,6 +70,7 @@ async fn serve(addr: String) -> std::io::Result<()> {
             let _ = http1::Builder::new()
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
                 .await;
         });
     }
@@ -71,7 +78,12 @@ async fn serve(addr: String) -> std::io::Result<()> {
 
 type Body = BoxBody<Bytes, hyper::Error>;
 
-async fn respond(req: Request<Incoming>, small: Bytes) -> Response<Body> {
+async fn respond(mut req: Request<Incoming>, small: Bytes) -> Response<Body> {
+    if req.uri().path() == "/ws" {
+        if let Some(protocol) = req.headers().get(UPGRADE).cloned() {
+            return echo_tunnel(&mut req, protocol);
+        }
+    }
     let path = req.uri().path();
     if path == "/upload" {
         let mut body = req.into_body();
@@ -105,5 +117,34 @@ async fn respond(req: Request<Incoming>, small: Bytes) -> Response<Body> {
     let headers = resp.headers_mut();
     headers.insert(CONTENT_LENGTH, HeaderValue::from(BODY_LEN));
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp
+}
+
+/// Switches protocols and echoes the tunnel's bytes back until EOF.
+fn echo_tunnel(req: &mut Request<Incoming>, protocol: HeaderValue) -> Response<Body> {
+    let on_upgrade = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let mut io = TokioIo::new(upgraded);
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            match io.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = io.shutdown().await;
+    });
+    let mut resp = Response::new(Full::new(Bytes::new()).map_err(|e| match e {}).boxed());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    resp.headers_mut()
+        .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    resp.headers_mut().insert(UPGRADE, protocol);
     resp
 }
