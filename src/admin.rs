@@ -112,6 +112,9 @@ async fn handle(
     let resp = match (req.method(), path) {
         (&Method::GET | &Method::HEAD, "/metrics") => {
             app.hooks.update_metrics().await;
+            app.metrics
+                .log_lines_dropped
+                .inc_by(app.logger.take_dropped());
             let mut resp = Response::new(ResponseBody::full(app.metrics.render()));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,

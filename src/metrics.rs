@@ -100,6 +100,9 @@ pub struct Metrics {
     pub upstream_timeouts: IntCounter,
     /// Requests sent again on a new connection after a pooled one was lost.
     pub upstream_retries: IntCounter,
+    /// Log lines dropped because stdout could not keep up (brought up to
+    /// date at each scrape).
+    pub log_lines_dropped: IntCounter,
     /// Connections to the app open now, in use or idle in the pool.
     pub upstream_connections: IntGauge,
     check_level: IntGaugeVec,
@@ -227,6 +230,10 @@ impl Metrics {
                 "upstream_timeouts_total",
                 "Requests the app did not answer within upstream.response_header_timeout.",
             ),
+            log_lines_dropped: counter(
+                "log_lines_dropped_total",
+                "Log lines (request.summary and others) dropped because stdout could not keep up and the 16 MiB buffer was full.",
+            ),
             upstream_retries: counter(
                 "upstream_retries_total",
                 "Requests sent again on a new connection because the pooled connection they went on was closed by the app before answering (only requests never written, or idempotent ones without a body).",
@@ -299,6 +306,7 @@ impl Metrics {
             Box::new(metrics.upstream_connect_errors.clone()),
             Box::new(metrics.upstream_timeouts.clone()),
             Box::new(metrics.upstream_retries.clone()),
+            Box::new(metrics.log_lines_dropped.clone()),
             Box::new(metrics.upstream_connections.clone()),
             Box::new(metrics.check_level.clone()),
             Box::new(metrics.check_duration.clone()),

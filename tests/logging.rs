@@ -238,3 +238,73 @@ async fn text_format_for_local_development() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(child.wait().unwrap().success());
 }
+
+/// When stdout stops being read (a stuck log collector), requests are still
+/// served at once: lines past the 16 MiB buffer are dropped and counted in
+/// `log_lines_dropped_total`, never waited for.
+#[tokio::test]
+async fn a_stalled_stdout_never_holds_a_request_and_drops_are_counted() {
+    use std::io::BufRead;
+    let app = Upstream::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sidecar.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\n[upstream]\nurl = \"{}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+            app.url()
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(common::binary())
+        .arg("--config")
+        .arg(&config)
+        .current_dir(dir.path())
+        .env_remove("DOCKERFLOW_CONFIG")
+        .env_remove("PORT")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Read up to the `listening` line, then never again.
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let (mut addr, mut admin) = (None, None);
+    while addr.is_none() {
+        let mut line = String::new();
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "exited early");
+        let json: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let at = json["Fields"]["addr"].as_str().map(str::to_owned);
+        match json["Fields"]["msg"].as_str() {
+            Some("admin listening") => admin = at,
+            Some("listening") => addr = at,
+            _ => {}
+        }
+    }
+    let (addr, admin) = (addr.unwrap(), admin.unwrap());
+
+    // About 20 MiB of summary lines: paths of 16 KiB.
+    let path = format!("/{}", "p".repeat(16 * 1024));
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    for i in 0..1_300 {
+        let req = http::Request::get(format!("http://{addr}{path}?{i}"))
+            .body(Default::default())
+            .unwrap();
+        let resp = tokio::time::timeout(common::DEADLINE, client.request(req))
+            .await
+            .expect("answered while stdout is stalled")
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    let metrics = get(&format!("http://{admin}/metrics"), &[]).await;
+    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    let dropped: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("dockerflow_sidecar_log_lines_dropped_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    // 1,300 lines of about 16.5 KiB against 16 MiB of buffer and a pipe.
+    assert!(dropped >= 200.0 && dropped <= 1_300.0, "{dropped}");
+    let _ = child.kill();
+    let _ = child.wait();
+}

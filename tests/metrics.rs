@@ -183,6 +183,8 @@ async fn metrics_count_known_traffic_exactly_and_pass_promtool() {
     );
     expect("dockerflow_sidecar_heartbeat_level", 0.0);
     expect("dockerflow_sidecar_upstream_connect_errors_total", 0.0);
+    expect("dockerflow_sidecar_log_lines_dropped_total", 0.0);
+    expect("dockerflow_sidecar_upstream_retries_total", 0.0);
     expect("dockerflow_sidecar_open_tunnels", 0.0);
     expect(
         &format!(

@@ -159,6 +159,11 @@ impl Logger {
         }
     }
 
+    /// Lines dropped (stdout stalled, buffer full) since the last call.
+    pub fn take_dropped(&self) -> u64 {
+        self.sink.take_dropped()
+    }
+
     /// Waits until every line written so far is on stdout.
     pub fn flush(&self) {
         self.sink.flush(Duration::from_secs(5));
