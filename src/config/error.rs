@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use figment::error::Kind;
 
-use super::ENV_PREFIX;
+use super::{TomlFile, ENV_PREFIX};
 
 /// Why the configuration could not be loaded.
 #[derive(Debug)]
@@ -94,11 +94,8 @@ impl ConfigError {
         }
     }
 
-    pub(super) fn from_figment(error: figment::Error, file: Option<&Path>) -> Self {
-        let text = file.and_then(|p| std::fs::read_to_string(p).ok());
-        let doc = text
-            .as_deref()
-            .and_then(|t| t.parse::<toml_edit::ImDocument<String>>().ok());
+    pub(super) fn from_figment(error: figment::Error, file: Option<&TomlFile>) -> Self {
+        let doc = file.and_then(|f| toml_edit::ImDocument::parse(f.text).ok());
         let problems = error
             .into_iter()
             .map(|e| {
@@ -140,19 +137,16 @@ impl ConfigError {
         scalars: &str,
         names: &[String],
         problems: Vec<ItemProblem>,
-        file: Option<&Path>,
+        file: Option<&TomlFile>,
     ) -> Self {
-        let text = file.and_then(|p| std::fs::read_to_string(p).ok());
-        let doc = text
-            .as_deref()
-            .and_then(|t| t.parse::<toml_edit::ImDocument<String>>().ok());
+        let doc = file.and_then(|f| toml_edit::ImDocument::parse(f.text).ok());
         let origin_of = |path: &[String], fallback: Option<&[String]>| {
             let var = env_name(&path[..path.len().min(fallback.map_or(path.len(), |f| f.len()))]);
             if std::env::var_os(&var).is_some() {
                 Origin::Env(var)
             } else if let (Some(file), Some(doc)) = (file, doc.as_ref()) {
                 Origin::File {
-                    path: file.to_owned(),
+                    path: file.path.to_owned(),
                     line: line_of(doc, path).or_else(|| fallback.and_then(|f| line_of(doc, f))),
                 }
             } else {
@@ -236,7 +230,7 @@ fn env_name(path: &[String]) -> String {
 
 /// 1-based line of the key at `path` in the parsed file; numeric segments
 /// index arrays of tables (`[[heartbeat.checks]]`) and inline arrays.
-fn line_of(doc: &toml_edit::ImDocument<String>, path: &[String]) -> Option<usize> {
+fn line_of(doc: &toml_edit::ImDocument<&str>, path: &[String]) -> Option<usize> {
     let mut node = Node::Table(doc.as_table());
     let mut span = None;
     for segment in path {

@@ -147,7 +147,7 @@ impl EmailConfig {
     /// The password, from `password` or `password_file`.
     pub fn password(&self) -> Result<String, String> {
         match &self.password_file {
-            Some(path) => std::fs::read_to_string(path)
+            Some(path) => super::read_text_file(path)
                 .map(|s| s.trim_end_matches(['\n', '\r']).to_owned())
                 .map_err(|e| format!("cannot read `{}`: {e}", path.display())),
             None => Ok(self.password.clone()),
@@ -230,7 +230,7 @@ pub(super) fn validate_email(email: &EmailConfig) -> Vec<ItemProblem> {
         );
     }
     if let Some(path) = &email.ca_file {
-        if let Err(e) = std::fs::read(path) {
+        if let Err(e) = super::read_file(path) {
             problem("ca_file", format!("cannot read `{}`: {e}", path.display()));
         }
     }

@@ -308,7 +308,7 @@ impl HeartbeatConfig {
                 );
             }
             if let Some(file) = &check.url_file {
-                match std::fs::read_to_string(file) {
+                match super::read_text_file(file) {
                     Ok(text) if check.url.is_none() => check.url = Some(text.trim().to_owned()),
                     Ok(_) => problem("url_file", "give `url` or `url_file`, not both".into()),
                     Err(e) => problem("url_file", format!("cannot read {}: {e}", file.display())),

@@ -171,7 +171,7 @@ pub(super) fn validate(
             );
         }
         if let Some(file) = &hook.secret_file {
-            match std::fs::read_to_string(file) {
+            match super::read_text_file(file) {
                 Ok(text) if hook.secret.is_none() => hook.secret = Some(text.trim().to_owned()),
                 Ok(_) => problem(
                     "secret_file",

@@ -17,11 +17,12 @@ mod reports;
 mod types;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::providers::{Env, Format, Serialized, Toml};
-use figment::Figment;
+use figment::value::{Dict, Map};
+use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Serialize};
 
 pub use error::ConfigError;
@@ -40,6 +41,37 @@ pub use types::{ByteSize, FailedStatus, HeaderNameValue, RequestPath, UpstreamUr
 pub const ENV_PREFIX: &str = "DOCKERFLOW_";
 /// The environment variable that names the TOML file (not a key itself).
 pub const CONFIG_ENV: &str = "DOCKERFLOW_CONFIG";
+
+/// Most bytes read from a file the configuration comes from or names (the
+/// TOML file, a mounted secret, a URL, a CA bundle): a path such as
+/// `/dev/zero` is refused instead of read until memory runs out.
+pub const MAX_FILE_BYTES: u64 = 1024 * 1024;
+
+/// The contents of a file the configuration names, at most [`MAX_FILE_BYTES`].
+pub(crate) fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "larger than 1 MiB: expected a small file such as a mounted secret",
+        ));
+    }
+    Ok(bytes)
+}
+
+/// [`read_file`] as UTF-8 text.
+pub(crate) fn read_text_file(path: &Path) -> std::io::Result<String> {
+    String::from_utf8(read_file(path)?).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "stream did not contain valid UTF-8",
+        )
+    })
+}
 
 /// Everything the sidecar can be told. Defaults live in the `Default` impls
 /// below and nowhere else; `config/dockerflow-sidecar.toml` repeats them and
@@ -141,7 +173,7 @@ impl AdminConfig {
     pub fn token(&self) -> Result<Option<String>, String> {
         match &self.token_file {
             Some(path) => {
-                let token = std::fs::read_to_string(path).map_err(|e| {
+                let token = read_text_file(path).map_err(|e| {
                     format!("admin.token_file: cannot read `{}`: {e}", path.display())
                 })?;
                 let token = token.trim();
@@ -342,31 +374,72 @@ pub struct Overrides {
     pub upstream: Option<String>,
 }
 
+/// The TOML file, read once: figment parses this text and errors find their
+/// lines in it, so a file changed during a load cannot give mixed answers.
+struct TomlFile<'a> {
+    /// Where the text came from (what errors name).
+    path: &'a Path,
+    /// The file's contents.
+    text: &'a str,
+}
+
+impl Provider for TomlFile<'_> {
+    /// The same metadata as `Toml::file_exact`: values are "from" the file.
+    fn metadata(&self) -> Metadata {
+        Toml::file_exact(self.path).metadata()
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Toml::string(self.text).data()
+    }
+}
+
 impl Config {
     /// Loads the configuration from the process environment, the TOML file and
     /// the command-line `overrides`.
     pub fn load(overrides: &Overrides) -> Result<Config, ConfigError> {
-        let file = Config::file_from(overrides);
-
-        let mut figment = Figment::from(Serialized::defaults(Config::default()));
-        if let Some(path) = &file {
-            // Read and parse once ourselves: a missing file and a syntax error
-            // are reported with the path (and the line) before figment sees it.
-            let text =
-                std::fs::read_to_string(path).map_err(|e| ConfigError::unreadable(path, &e))?;
-            if let Err(e) = text.parse::<toml_edit::ImDocument<String>>() {
-                return Err(ConfigError::syntax(path, &e));
+        match Config::file_from(overrides) {
+            Some(path) => {
+                let text = read_text_file(&path).map_err(|e| ConfigError::unreadable(&path, &e))?;
+                Config::layered(
+                    Some(&TomlFile {
+                        path: &path,
+                        text: &text,
+                    }),
+                    overrides.upstream.as_deref(),
+                )
             }
-            figment = figment.merge(Toml::file_exact(path));
+            None => Config::layered(None, overrides.upstream.as_deref()),
+        }
+    }
+
+    /// Loads `text` as if it were the TOML file at `path` (which is not
+    /// read): the same layering under `DOCKERFLOW_*` and `PORT`, the same
+    /// validation and the same errors as [`Config::load`].
+    pub fn load_toml(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        Config::layered(Some(&TomlFile { path, text }), None)
+    }
+
+    /// Defaults < `file` < `DOCKERFLOW_*` < `upstream` < `PORT`, then every
+    /// rule that spans keys.
+    fn layered(file: Option<&TomlFile>, upstream: Option<&str>) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            // Parsed once ourselves first: a syntax error is reported with
+            // the path and the line before figment sees it.
+            if let Err(e) = toml_edit::ImDocument::parse(file.text) {
+                return Err(ConfigError::syntax(file.path, &e));
+            }
+            figment = figment.merge(file);
         }
         figment = figment.merge(Env::prefixed(ENV_PREFIX).ignore(&["CONFIG"]).split("__"));
-        if let Some(url) = &overrides.upstream {
+        if let Some(url) = upstream {
             figment = figment.merge(Serialized::default("upstream.url", url));
         }
 
         let mut config: Config = figment
             .extract()
-            .map_err(|e| ConfigError::from_figment(e, file.as_deref()))?;
+            .map_err(|e| ConfigError::from_figment(e, file))?;
 
         let problems = config.heartbeat.validate();
         if !problems.is_empty() {
@@ -382,19 +455,14 @@ impl Config {
                 "heartbeat",
                 &names,
                 problems,
-                file.as_deref(),
+                file,
             ));
         }
         let problems = hooks::validate(&mut config.hooks, &config.delivery, &config.logging.logger);
         if !problems.is_empty() {
             let names: Vec<String> = config.hooks.iter().map(|h| h.name.clone()).collect();
             return Err(ConfigError::from_items(
-                "hooks",
-                "hook",
-                "delivery",
-                &names,
-                problems,
-                file.as_deref(),
+                "hooks", "hook", "delivery", &names, problems, file,
             ));
         }
 
@@ -428,7 +496,7 @@ impl Config {
                     key,
                     reason,
                 }],
-                file.as_deref(),
+                file,
             ));
         }
         if let Err(reason) = config.admin.token() {
@@ -442,7 +510,7 @@ impl Config {
                     key: "token_file",
                     reason,
                 }],
-                file.as_deref(),
+                file,
             ));
         }
         for (table, problems) in [
@@ -456,7 +524,7 @@ impl Config {
                     table,
                     &[],
                     problems,
-                    file.as_deref(),
+                    file,
                 ));
             }
         }
@@ -478,5 +546,42 @@ impl Config {
                 .filter(|v| !v.is_empty())
                 .map(PathBuf::from)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_text_loads_like_the_file_it_names() {
+        let path = Path::new("/etc/sidecar.toml");
+        let config = Config::load_toml(path, "[upstream]\nurl = \"unix:/run/app.sock\"\n").unwrap();
+        assert_eq!(config.upstream.url.to_string(), "unix:/run/app.sock");
+
+        let err = Config::load_toml(path, "[upstream]\n\nconnect_timeout = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`upstream.connect_timeout`") && err.contains("/etc/sidecar.toml, line 3"),
+            "{err}"
+        );
+        let err = Config::load_toml(path, "[upstream\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("/etc/sidecar.toml, line 1: not valid TOML"),
+            "{err}"
+        );
+        let err = Config::load_toml(
+            path,
+            "[[hooks]]\nname = \"a\"\nevents = []\nurl = \"http://x/\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("`hooks[0].events` (hook `a`, from /etc/sidecar.toml, line 3)"),
+            "{err}"
+        );
     }
 }

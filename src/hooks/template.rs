@@ -10,6 +10,11 @@ use minijinja::{Environment, Value};
 use crate::config::HookConfig;
 use crate::events::{Event, EventData};
 
+/// Instructions one render may run: hundreds of times what a real payload
+/// template needs, and a few milliseconds of work; past it the render fails
+/// (and `check-config` says so) instead of hanging.
+const FUEL: u64 = 1_000_000;
+
 /// How one hook's bodies are made.
 pub struct Template {
     env: Environment<'static>,
@@ -24,6 +29,7 @@ impl Template {
     pub fn new(hook: &HookConfig, service: &str) -> Result<Template, String> {
         let json = is_json(&hook.content_type);
         let mut env = Environment::new();
+        env.set_fuel(Some(FUEL));
         if json {
             env.set_formatter(|out, _state, value| {
                 let text = json_text(value);
