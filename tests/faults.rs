@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::{get, request, Sidecar, SidecarBuilder, Upstream, DEADLINE};
-use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -159,10 +158,6 @@ async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<(Stri
     Some((line, length))
 }
 
-fn summary(sidecar: &Sidecar, rid: &str) -> Value {
-    sidecar.summary_for(rid)
-}
-
 async fn send(sidecar: &Sidecar, method: &str, path: &str, body: &'static str, rid: &str) -> u16 {
     let url = sidecar.url(path);
     request(
@@ -209,12 +204,12 @@ async fn a_keep_alive_connection_closed_under_a_request_retries_only_idempotent_
     assert_eq!(app.accepted.load(Ordering::SeqCst), 4);
 
     for (rid, code) in [("r1", 200), ("r2", 200), ("r5", 200)] {
-        let line = summary(&sidecar, rid);
+        let line = sidecar.summary_for(rid);
         assert_eq!(line["Fields"]["code"], code, "{line}");
         assert_eq!(line["Fields"]["errno"], 0, "{line}");
     }
     for rid in ["r3", "r6"] {
-        let line = summary(&sidecar, rid);
+        let line = sidecar.summary_for(rid);
         assert_eq!(line["Fields"]["code"], 502, "{line}");
         assert_eq!(line["Fields"]["errno"], 502, "{line}");
         let msg = line["Fields"]["msg"].as_str().unwrap();
@@ -242,7 +237,7 @@ async fn a_reset_mid_body_aborts_the_client_connection_and_is_logged() {
         let body = &raw[raw.find("\r\n\r\n").unwrap() + 4..];
         assert!(body.len() >= 1000 && body.len() < 100_000, "{}", body.len());
 
-        let line = summary(&sidecar, rid);
+        let line = sidecar.summary_for(rid);
         assert_eq!(line["Fields"]["code"], 200, "{line}");
         assert_eq!(line["Fields"]["errno"], 200, "{line}");
         let msg = line["Fields"]["msg"].as_str().unwrap();
@@ -261,7 +256,7 @@ async fn an_app_that_is_down_gives_502_and_the_first_request_after_it_is_back_su
     for i in 0..3 {
         let rid = format!("down-{i}");
         assert_eq!(send(&sidecar, "GET", "/", "", &rid).await, 502);
-        let line = summary(&sidecar, &rid);
+        let line = sidecar.summary_for(&rid);
         assert_eq!(line["Fields"]["errno"], 502, "{line}");
         let msg = line["Fields"]["msg"].as_str().unwrap();
         assert!(msg.starts_with("upstream unreachable"), "{line}");
@@ -294,7 +289,7 @@ async fn an_app_restarting_under_pooled_connections_costs_no_request() {
             200,
             "round {round}"
         );
-        assert_eq!(summary(&sidecar, &rid)["Fields"]["errno"], 0);
+        assert_eq!(sidecar.summary_for(&rid)["Fields"]["errno"], 0);
     }
     // One connection per round at least was closed and replaced.
     assert!(app.accepted.load(Ordering::SeqCst) >= 20);

@@ -24,30 +24,12 @@ use serde_json::Value;
 #[allow(dead_code)]
 #[path = "../../src/reports/clean.rs"]
 mod clean;
+use clean::{SAMPLE_KEYS, URL_KEYS};
 
 /// The request's User-Agent, used when a report carries none.
 const AGENT: &str = "Mozilla/5.0 (X11; Linux x86_64; rv:140.0) Gecko/20100101 Firefox/140.0";
 /// `reports::schema`'s bound on a report type, in characters.
 const MAX_TYPE: usize = 64;
-/// Keys whose string values `clean::cut_queries_in` treats as URLs.
-const URL_KEYS: [&str; 14] = [
-    "document-uri",
-    "documenturl",
-    "documenturi",
-    "blocked-uri",
-    "blockedurl",
-    "blockeduri",
-    "referrer",
-    "source-file",
-    "sourcefile",
-    "url",
-    "previousresponseurl",
-    "nextresponseurl",
-    "document-url",
-    "blocked-url",
-];
-/// Keys whose string values `clean::cut_queries_in` empties.
-const SAMPLE_KEYS: [&str; 2] = ["script-sample", "sample"];
 
 static SCRUBBER: LazyLock<Scrubber> = LazyLock::new(Scrubber::default);
 

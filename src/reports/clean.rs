@@ -8,7 +8,7 @@ use serde_json::Value;
 pub const MAX_FIELD: usize = 1024;
 
 /// Keys whose values are URLs in the shapes browsers send.
-const URL_KEYS: [&str; 14] = [
+pub const URL_KEYS: [&str; 14] = [
     "document-uri",
     "documenturl",
     "documenturi",
@@ -26,7 +26,7 @@ const URL_KEYS: [&str; 14] = [
 ];
 
 /// Keys whose values are samples of page content (may hold anything).
-const SAMPLE_KEYS: [&str; 2] = ["script-sample", "sample"];
+pub const SAMPLE_KEYS: [&str; 2] = ["script-sample", "sample"];
 
 /// `https://user:pw@app.example/page;jsessionid=x?token=x#frag` →
 /// `https://app.example/page`: no credentials, path parameters, query or
