@@ -90,10 +90,7 @@ listen = "127.0.0.1:$(free_port)"
 drain = "$DRAIN"
 grace = "$GRACE"
 EOF
-"$SIDECAR" --config "$OUT/sidecar.toml" >"$OUT/sidecar.log" 2>"$OUT/sidecar.err" &
-SIDECAR_PID=$!
-PIDS+=("$SIDECAR_PID")
-wait_http sidecar "$SIDECAR_PID" "http://127.0.0.1:$SIDECAR_PORT/__lbheartbeat__"
+run_sidecar "$OUT/sidecar.toml" /__lbheartbeat__
 log "sidecar on 127.0.0.1:$SIDECAR_PORT (pid $SIDECAR_PID), drain $DRAIN, grace $GRACE"
 
 log "load: $RATE req/s over $CONNECTIONS connections ($MIX) for ${LOAD}s; SIGTERM at ${SIGTERM_AT}s"

@@ -235,6 +235,18 @@ start_sidecar() {
     done
 }
 
+# run_sidecar CONFIG READY_PATH: starts the sidecar on its own config file
+# (stdout to sidecar.log, stderr to sidecar.err beside it) and waits until
+# READY_PATH answers on SIDECAR_PORT; sets SIDECAR_PID.
+run_sidecar() {
+    local config=$1 ready=$2 dir
+    dir=$(dirname "$config")
+    "$SIDECAR" --config "$config" >"$dir/sidecar.log" 2>"$dir/sidecar.err" &
+    SIDECAR_PID=$!
+    PIDS+=("$SIDECAR_PID")
+    wait_http sidecar "$SIDECAR_PID" "http://127.0.0.1:$SIDECAR_PORT$ready"
+}
+
 # goal_row LABEL VALUE GOAL MET: prints one row of issue 9's table and adds it
 # to bench/out/goals.txt (bench/all.sh prints them all at the end). MET is
 # yes, no or "-" (not judged).

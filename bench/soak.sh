@@ -151,10 +151,7 @@ listen = "127.0.0.1:$ADMIN_PORT"
 drain = "0s"
 grace = "10s"
 EOF
-"$SIDECAR" --config "$OUT/sidecar.toml" >"$OUT/sidecar.log" 2>"$OUT/sidecar.err" &
-SIDECAR_PID=$!
-PIDS+=("$SIDECAR_PID")
-wait_http sidecar "$SIDECAR_PID" "http://127.0.0.1:$SIDECAR_PORT/__heartbeat__"
+run_sidecar "$OUT/sidecar.toml" /__heartbeat__
 log "sidecar on 127.0.0.1:$SIDECAR_PORT, admin on $ADMIN_PORT (pid $SIDECAR_PID, fd limit $(fd_limit "$SIDECAR_PID"))"
 
 # --- load, with the sidecar sampled every second ------------------------------------------

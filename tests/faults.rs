@@ -315,10 +315,7 @@ async fn sigterm_under_steady_load_fails_no_request() {
             let (stop, sent, closes, failures) =
                 (stop.clone(), sent.clone(), closes.clone(), failures.clone());
             tokio::spawn(async move {
-                let client = hyper_util::client::legacy::Client::builder(
-                    hyper_util::rt::TokioExecutor::new(),
-                )
-                .build_http::<http_body_util::Full<Bytes>>();
+                let client = common::keep_alive_client();
                 let mut tick = tokio::time::interval(Duration::from_millis(20));
                 let mut i = 0;
                 while !stop.load(Ordering::SeqCst) {
@@ -574,10 +571,7 @@ async fn sigkill_while_reports_are_written_leaves_a_sound_state_file() {
             let (acknowledged, stop) = (acknowledged.clone(), stop.clone());
             tokio::spawn(async move {
                 let url = format!("http://{addr}/__cspreport__");
-                let client = hyper_util::client::legacy::Client::builder(
-                    hyper_util::rt::TokioExecutor::new(),
-                )
-                .build_http::<http_body_util::Full<Bytes>>();
+                let client = common::keep_alive_client();
                 for i in 0.. {
                     if stop.load(Ordering::SeqCst) {
                         return;

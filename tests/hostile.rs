@@ -621,10 +621,7 @@ async fn a_flood_of_varied_reports_is_answered_and_accounted_for() {
         .map(|t| {
             let (accepted, limited, url) = (accepted.clone(), limited.clone(), url.clone());
             tokio::spawn(async move {
-                let client = hyper_util::client::legacy::Client::builder(
-                    hyper_util::rt::TokioExecutor::new(),
-                )
-                .build_http::<http_body_util::Full<Bytes>>();
+                let client = common::keep_alive_client();
                 for i in 0..400usize {
                     let n = t * 1000 + i;
                     let (kind, body) = varied_report(n);

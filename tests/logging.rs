@@ -284,8 +284,7 @@ async fn a_stalled_stdout_never_holds_a_request_and_drops_are_counted() {
 
     // About 20 MiB of summary lines: paths of 16 KiB.
     let path = format!("/{}", "p".repeat(16 * 1024));
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .build_http::<http_body_util::Full<bytes::Bytes>>();
+    let client = common::keep_alive_client();
     for i in 0..1_300 {
         let req = http::Request::get(format!("http://{addr}{path}?{i}"))
             .body(Default::default())

@@ -451,6 +451,13 @@ impl Reply {
     }
 }
 
+/// A pooled HTTP/1.1 client that keeps its connections alive between
+/// requests, for tests that send many.
+pub fn keep_alive_client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>
+{
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
 /// Sends one request with hyper's client (HTTP/1.1, or h2c when `h2`).
 pub async fn send(req: http::Request<Full<Bytes>>, h2: bool) -> Reply {
     let client = Client::builder(TokioExecutor::new())
