@@ -219,6 +219,7 @@ pub struct UpstreamConfig {
 pub struct ServerConfig {
     /// How long an HTTP/1 client connection may sit between requests, and the
     /// longest a client may take to send request headers; then it is closed.
+    /// Also the longest pause in the middle of a request body; then 408.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// Runtime worker threads; 0 means one per CPU the process may use
