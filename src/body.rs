@@ -12,8 +12,8 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use crate::error_reports::Capture;
+use crate::h1::UpstreamBody;
 use crate::mozlog::RequestSummary;
-use crate::pool::Lease;
 
 /// A request body on its way to the app that says when it has been sent in
 /// full (the response-header timeout only starts then, so a slow upload is
@@ -21,8 +21,7 @@ use crate::pool::Lease;
 /// longer than the stall limit between two reads (a slow-body attack holds
 /// no connection to the app for longer than that).
 pub struct RequestBody {
-    /// `None`: an empty body made for a replay (see [`RequestBody::replay`]).
-    inner: Option<Incoming>,
+    inner: Incoming,
     /// Counts the bytes received.
     received: prometheus::IntCounter,
     /// Fired (or dropped) when the body ends; `None` once done.
@@ -64,7 +63,7 @@ impl RequestBody {
     ) -> (RequestBody, Option<tokio::sync::oneshot::Receiver<()>>) {
         if inner.is_end_stream() {
             let body = RequestBody {
-                inner: Some(inner),
+                inner,
                 received,
                 sent: None,
                 stall: None,
@@ -73,7 +72,7 @@ impl RequestBody {
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
         let body = RequestBody {
-            inner: Some(inner),
+            inner,
             received,
             sent: Some(tx),
             stall: Some(Stall {
@@ -92,19 +91,6 @@ impl RequestBody {
     }
 }
 
-impl crate::pool::Replay for RequestBody {
-    /// Only an empty body can be sent again: the bytes of any other were
-    /// streamed through and are gone.
-    fn replay(&self) -> Option<RequestBody> {
-        self.is_end_stream().then(|| RequestBody {
-            inner: None,
-            received: self.received.clone(),
-            sent: None,
-            stall: None,
-        })
-    }
-}
-
 impl Body for RequestBody {
     type Data = Bytes;
     type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -114,10 +100,7 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
-        let Some(inner) = this.inner.as_mut() else {
-            return Poll::Ready(None);
-        };
-        match Pin::new(&mut *inner).poll_frame(cx) {
+        match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Pending => {
                 if let Some(stall) = this.stall.as_mut() {
                     if stall.timer.as_mut().poll(cx).is_ready() {
@@ -132,7 +115,7 @@ impl Body for RequestBody {
                 if let Some(data) = frame.data_ref() {
                     this.received.inc_by(data.len() as u64);
                 }
-                if inner.is_end_stream() {
+                if this.inner.is_end_stream() {
                     this.done();
                 } else if let Some(stall) = this.stall.as_mut() {
                     let deadline = tokio::time::Instant::now() + stall.limit;
@@ -152,13 +135,11 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Body::is_end_stream)
+        self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner
-            .as_ref()
-            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+        self.inner.size_hint()
     }
 }
 
@@ -174,9 +155,9 @@ pub struct ResponseBody {
 enum Inner {
     /// A body the sidecar wrote itself; `None` once sent.
     Full(Option<Bytes>),
-    /// The app's body, streamed frame by frame (trailers included), and the
-    /// connection it came on, back to the pool once the body has ended.
-    Upstream(Incoming, Option<Lease<RequestBody>>),
+    /// The app's body, streamed frame by frame (trailers included) from the
+    /// connection it came on, which goes back to the pool once it has ended.
+    Upstream(UpstreamBody),
 }
 
 impl ResponseBody {
@@ -200,10 +181,10 @@ impl ResponseBody {
         }
     }
 
-    /// The app's streamed body, which came on `lease`'s connection.
-    pub fn upstream(body: Incoming, lease: Lease<RequestBody>) -> Self {
+    /// The app's streamed body.
+    pub fn upstream(body: UpstreamBody) -> Self {
         ResponseBody {
-            inner: Inner::Upstream(body, Some(lease)),
+            inner: Inner::Upstream(body),
             summary: None,
             capture: None,
         }
@@ -225,12 +206,12 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = crate::h1::Error;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, crate::h1::Error>>> {
         let this = self.get_mut();
         match &mut this.inner {
             Inner::Full(bytes) => {
@@ -240,23 +221,15 @@ impl Body for ResponseBody {
                 }
                 Poll::Ready(bytes.map(|b| Ok(Frame::data(b))))
             }
-            Inner::Upstream(body, lease) => {
+            Inner::Upstream(body) => {
                 let polled = Pin::new(body).poll_frame(cx);
                 match &polled {
-                    Poll::Ready(None) => release(lease),
                     Poll::Ready(Some(Err(e))) => {
-                        // The connection is not reused.
-                        *lease = None;
                         if let Some(summary) = this.summary.as_mut() {
                             summary.fail_body(format!("upstream response body failed: {e}"));
                         }
                     }
                     Poll::Ready(Some(Ok(frame))) => {
-                        // Trailers end the body: hyper will not poll again,
-                        // and has already made the connection reusable.
-                        if frame.is_trailers() {
-                            release(lease);
-                        }
                         if let (Some(summary), Some(data)) =
                             (this.summary.as_mut(), frame.data_ref())
                         {
@@ -281,7 +254,7 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             Inner::Full(bytes) => bytes.is_none(),
-            Inner::Upstream(body, _) => body.is_end_stream(),
+            Inner::Upstream(body) => body.is_end_stream(),
         }
     }
 
@@ -289,26 +262,7 @@ impl Body for ResponseBody {
         match &self.inner {
             Inner::Full(Some(bytes)) => SizeHint::with_exact(bytes.len() as u64),
             Inner::Full(None) => SizeHint::with_exact(0),
-            Inner::Upstream(body, _) => body.size_hint(),
+            Inner::Upstream(body) => body.size_hint(),
         }
-    }
-}
-
-impl Drop for ResponseBody {
-    fn drop(&mut self) {
-        // hyper stops polling a body that says it has ended: its connection
-        // is free as soon as the last byte was read.
-        if let Inner::Upstream(body, lease) = &mut self.inner {
-            if body.is_end_stream() {
-                release(lease);
-            }
-        }
-    }
-}
-
-/// Returns the connection to the pool (once).
-fn release(lease: &mut Option<Lease<RequestBody>>) {
-    if let Some(lease) = lease.take() {
-        lease.release();
     }
 }

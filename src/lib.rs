@@ -10,6 +10,7 @@ pub mod config;
 pub mod dockerflow;
 pub mod error_reports;
 pub mod events;
+pub mod h1;
 pub mod hooks;
 pub mod mail;
 pub mod metrics;

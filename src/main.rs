@@ -10,6 +10,9 @@ use tracing_subscriber::layer::SubscriberExt;
 use dockerflow_sidecar::config::{masked_toml, Config, Overrides};
 use dockerflow_sidecar::mozlog::{Logger, MozlogLayer, Sink};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A sidecar proxy that answers the Dockerflow routes, logs one mozlog line
 /// per request and forwards everything else to the app.
 #[derive(Parser)]

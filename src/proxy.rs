@@ -16,14 +16,15 @@ use crate::body::{RequestBody, ResponseBody};
 use crate::config::Config;
 use crate::error_chain;
 use crate::error_reports::ErrorReports;
+use crate::h1::{Conn, UpstreamBody};
 use crate::metrics::Metrics;
 use crate::mozlog::RequestSummary;
-use crate::pool::{Lease, Pool, SendError};
+use crate::pool::{Pool, SendError};
 use crate::upstream::{self, UpstreamClient};
 
 /// Forwards requests to the one configured upstream.
 pub struct Proxy {
-    pool: Pool<RequestBody>,
+    pool: Pool,
     /// For bodies the sidecar has already read (reports passed on).
     copies: UpstreamClient<http_body_util::Full<bytes::Bytes>>,
     /// Copies in flight at most; more are not sent (and say so).
@@ -150,7 +151,7 @@ impl Proxy {
             self.metrics.request_bytes.clone(),
             self.body_stall_timeout,
         );
-        let (mut resp, lease) = match self.send(Request::from_parts(parts, body), body_sent).await {
+        let mut resp = match self.send(Request::from_parts(parts, body), body_sent).await {
             Ok(Ok(sent)) => sent,
             Ok(Err(e)) => {
                 let (status, text) = if e.is_connect() {
@@ -192,7 +193,7 @@ impl Proxy {
         match (client_upgrade, response_upgrade) {
             (Some(client_side), Some(protocol)) => {
                 restore_upgrade(resp.headers_mut(), protocol);
-                let upstream_side = hyper::upgrade::on(&mut resp);
+                let upstream_side = resp.body_mut().take_upgraded();
                 let open = crate::server::GaugeGuard::new(&self.metrics.open_tunnels);
                 self.tunnels
                     .spawn(tunnel(client_side, upstream_side, summary, open));
@@ -208,7 +209,7 @@ impl Proxy {
                 );
                 self.error_response(status, "upstream failed", rid, summary)
             }
-            _ => resp.map(|body| ResponseBody::upstream(body, lease).with_summary(summary)),
+            _ => resp.map(|body| ResponseBody::upstream(body).with_summary(summary)),
         }
     }
 
@@ -266,10 +267,7 @@ impl Proxy {
         &self,
         req: Request<RequestBody>,
         body_sent: Option<tokio::sync::oneshot::Receiver<()>>,
-    ) -> Result<
-        Result<(Response<Incoming>, Lease<RequestBody>), SendError>,
-        tokio::time::error::Elapsed,
-    > {
+    ) -> Result<Result<Response<UpstreamBody>, SendError>, tokio::time::error::Elapsed> {
         let response = self.pool.send(req);
         let Some(body_sent) = body_sent else {
             // No body to send: the clock starts now.
@@ -319,16 +317,27 @@ impl Proxy {
 /// have switched protocols; the summary line is written when it ends.
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
-    upstream: hyper::upgrade::OnUpgrade,
+    upstream: Option<Conn>,
     summary: RequestSummary,
     open: crate::server::GaugeGuard,
 ) {
+    use tokio::io::AsyncWriteExt;
     let _summary = summary;
     let _open = open;
-    match tokio::try_join!(client, upstream) {
-        Ok((client, upstream)) => {
+    let Some(upstream) = upstream else {
+        return;
+    };
+    // What the app sent right after its 101 goes to the client first.
+    let (mut upstream, early) = upstream.into_parts();
+    match client.await {
+        Ok(client) => {
             let mut client = TokioIo::new(client);
-            let mut upstream = TokioIo::new(upstream);
+            if !early.is_empty() {
+                if let Err(e) = client.write_all(&early).await {
+                    tracing::debug!(error = %e, "tunnel closed with an error");
+                    return;
+                }
+            }
             if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
                 tracing::debug!(error = %e, "tunnel closed with an error");
             }

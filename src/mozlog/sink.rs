@@ -1,15 +1,16 @@
 //! The one writer of stdout. Request tasks append finished lines to a shared
 //! buffer (a short lock and a copy, no wake-up); one thread swaps the buffer
-//! out and writes it in one go, every few milliseconds or as soon as it holds
-//! 64 KiB. A slow stdout never blocks a request, and the writer costs a
-//! wake-up per batch, not per line.
+//! out and writes it in one go, a few milliseconds after the first line of a
+//! batch or as soon as it holds 64 KiB. A slow stdout never blocks a request;
+//! the writer costs a wake-up per batch, not per line, and none at all while
+//! nothing is logged.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// The writer wakes up at least this often when lines are waiting.
+/// How long the writer lets a batch fill after its first line.
 const INTERVAL: Duration = Duration::from_millis(10);
 /// A buffer this full wakes the writer at once.
 const BATCH: usize = 64 * 1024;
@@ -69,9 +70,12 @@ impl Sink {
             self.shared.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
+        let was_empty = state.pending.is_empty();
         let was_below = state.pending.len() < BATCH;
         state.pending.extend_from_slice(line);
-        let wake = was_below && state.pending.len() >= BATCH;
+        // The first line of a batch starts the writer's clock; a full batch
+        // cuts its wait short. Lines in between wake nobody.
+        let wake = was_empty || (was_below && state.pending.len() >= BATCH);
         drop(state);
         if wake {
             self.shared.work.notify_one();
@@ -118,11 +122,9 @@ fn write_loop(shared: &Shared, out: Box<dyn Write + Send>) {
     let mut batch = Vec::with_capacity(BATCH * 2);
     loop {
         let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        // Asleep until a line or a flush comes: no timer while idle.
         while state.pending.is_empty() && state.completed == state.requested {
-            state = match shared.work.wait_timeout(state, INTERVAL) {
-                Ok((state, _)) => state,
-                Err(poisoned) => poisoned.into_inner().0,
-            };
+            state = shared.work.wait(state).unwrap_or_else(|p| p.into_inner());
         }
         // Give a filling buffer a moment to become a batch, unless it is
         // already one or somebody waits for a flush.

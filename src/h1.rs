@@ -1,0 +1,908 @@
+//! HTTP/1.1 to the app, written and read inside the request's own task.
+//!
+//! hyper's client connection runs as a task of its own: each request is
+//! handed to it over a channel, each response and every body chunk comes
+//! back over another, and each hand-over is a task wake-up. Under load that
+//! was about 40 % of the proxy's user-space cycles (issue 9's profile). Here
+//! the request's task writes the head and body to the app's socket itself,
+//! parses the response head with httparse (as hyper does) and reads the body
+//! frame by frame straight from the socket as the client side asks for it.
+//!
+//! What the wire format needs (RFC 9112):
+//! - the request goes out with `Content-Length` when its length is known,
+//!   chunked otherwise (trailers included);
+//! - interim 1xx responses other than 101 are skipped;
+//! - the response body is delimited by `Transfer-Encoding: chunked`, then
+//!   `Content-Length`, then the end of the connection (§6.3); HEAD, 1xx, 204
+//!   and 304 responses have none; a malformed or conflicting length is an
+//!   error (a 502), never a guess;
+//! - a connection is reused only when the response said nothing against it
+//!   (HTTP/1.1, no `Connection: close`), both bodies were sent and read to
+//!   their exact ends and no byte is left over.
+
+use std::fmt;
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::upstream::UpstreamStream;
+
+/// Longest response head accepted from the app.
+const MAX_HEAD: usize = 64 * 1024;
+/// Most header fields in a response head.
+const MAX_HEADERS: usize = 128;
+/// Read buffer size.
+const READ_SIZE: usize = 16 * 1024;
+/// Longest chunk-size line (with extensions) or trailer section.
+const MAX_CHUNK_LINE: usize = 4 * 1024;
+
+/// An open connection to the app and the bytes read from it but not used.
+pub struct Conn {
+    io: UpstreamStream,
+    buf: BytesMut,
+}
+
+impl Conn {
+    /// A connection on a freshly opened stream.
+    pub fn new(io: UpstreamStream) -> Conn {
+        Conn {
+            io,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Whether an idle connection can carry a request: the app has neither
+    /// closed it nor sent anything unasked. Costs no system call unless the
+    /// socket was reported readable.
+    pub fn is_usable(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut probe = [0u8; 1];
+        let mut probe = ReadBuf::new(&mut probe);
+        // Ready means the end of the stream, a stray byte or an error.
+        Pin::new(&mut self.io)
+            .poll_read(&mut cx, &mut probe)
+            .is_pending()
+    }
+
+    /// Reads more bytes into the buffer; `Ok(0)` at the end of the stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < 1024 {
+            self.buf.reserve(READ_SIZE);
+        }
+        let Conn { io, buf } = self;
+        tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)
+    }
+
+    /// The stream and what was read past the response head, for a tunnel.
+    pub fn into_parts(self) -> (UpstreamStream, Bytes) {
+        (self.io, self.buf.freeze())
+    }
+}
+
+/// Why an exchange with the app failed.
+#[derive(Debug)]
+pub enum Error {
+    /// Reading from or writing to the app failed.
+    Io(io::Error),
+    /// The app closed the connection before any byte of a response.
+    Closed,
+    /// The app closed the connection in the middle of a response.
+    Truncated(&'static str),
+    /// The app's response is not valid HTTP/1.1.
+    Malformed(String),
+    /// The client's request body failed (its error is the source).
+    ClientBody(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl Error {
+    /// True when the connection went away before any of the response came,
+    /// so that a request the app cannot have acted on twice may go again.
+    pub fn is_connection_lost(&self) -> bool {
+        match self {
+            Error::Closed => true,
+            Error::Io(e) => matches!(
+                e.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::ConnectionAborted
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::UnexpectedEof
+            ),
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Io(e) => write!(f, "{e}"),
+            Error::Closed => f.write_str("the app closed the connection without a response"),
+            Error::Truncated(what) => {
+                write!(f, "the app closed the connection in the middle of {what}")
+            }
+            Error::Malformed(what) => write!(f, "malformed response from the app: {what}"),
+            Error::ClientBody(_) => f.write_str("the request body from the client failed"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io(e) => Some(e),
+            Error::ClientBody(e) => Some(&**e),
+            _ => None,
+        }
+    }
+}
+
+/// A request ready for the wire: its head encoded once (and kept, so that
+/// it can be written again on another connection), its body still to come.
+pub struct Outgoing<B> {
+    head: Bytes,
+    method_head: bool,
+    chunked: bool,
+    body: Option<B>,
+}
+
+impl<B> Outgoing<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    /// Encodes `req` (its URI in origin form) for HTTP/1.1. The framing
+    /// headers are the sidecar's: `Content-Length` when the body's length is
+    /// known (or the client sent `Content-Length: 0`), chunked otherwise.
+    pub fn new(req: Request<B>) -> Outgoing<B> {
+        let (parts, body) = req.into_parts();
+        let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let mut head = Vec::with_capacity(
+            64 + target.len()
+                + parts
+                    .headers
+                    .iter()
+                    .map(|(n, v)| n.as_str().len() + v.len() + 4)
+                    .sum::<usize>(),
+        );
+        head.extend_from_slice(parts.method.as_str().as_bytes());
+        head.push(b' ');
+        head.extend_from_slice(target.as_bytes());
+        head.extend_from_slice(b" HTTP/1.1\r\n");
+        let mut had_length = false;
+        for (name, value) in &parts.headers {
+            if name == header::CONTENT_LENGTH {
+                had_length = true;
+                continue;
+            }
+            if name == header::TRANSFER_ENCODING {
+                continue;
+            }
+            head.extend_from_slice(name.as_str().as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+        let empty = body.is_end_stream();
+        let mut chunked = false;
+        match body.size_hint().exact() {
+            _ if empty => {
+                if had_length {
+                    head.extend_from_slice(b"content-length: 0\r\n");
+                }
+            }
+            Some(n) => {
+                head.extend_from_slice(b"content-length: ");
+                head.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+                head.extend_from_slice(b"\r\n");
+            }
+            None => {
+                chunked = true;
+                head.extend_from_slice(b"transfer-encoding: chunked\r\n");
+            }
+        }
+        head.extend_from_slice(b"\r\n");
+        Outgoing {
+            head: head.into(),
+            method_head: parts.method == Method::HEAD,
+            chunked,
+            body: (!empty).then_some(body),
+        }
+    }
+
+    /// Whether the request has a body to send.
+    pub fn has_body(&self) -> bool {
+        self.body.is_some()
+    }
+
+    /// The same request without its body, to send again: only for a
+    /// request that has none.
+    pub fn replay(&self) -> Option<Outgoing<B>> {
+        self.body.is_none().then(|| Outgoing {
+            head: self.head.clone(),
+            method_head: self.method_head,
+            chunked: false,
+            body: None,
+        })
+    }
+}
+
+/// How an exchange failed, and whether any of the request was written.
+pub struct Failure<B> {
+    pub error: Error,
+    /// The request, when not a byte of it was written: it can go elsewhere
+    /// whatever its method.
+    pub unsent: Option<Outgoing<B>>,
+}
+
+/// A response head from the app, its body still on the connection.
+pub struct Head {
+    pub response: Response<()>,
+    pub body: Framing,
+    /// Whether the connection may carry another request after this one.
+    pub keep_alive: bool,
+}
+
+/// How the response body is delimited.
+#[derive(Clone, Copy, Debug)]
+pub enum Framing {
+    /// No body (HEAD, 204, 304, or `Content-Length: 0`).
+    Empty,
+    /// Exactly this many bytes.
+    Length(u64),
+    /// Chunked transfer coding.
+    Chunked,
+    /// Everything until the app closes the connection.
+    UntilClose,
+    /// 101: the connection now carries another protocol.
+    Upgrade,
+}
+
+/// Writes `req` on `conn` and reads the response head. On success the
+/// connection is positioned at the start of the response body.
+pub async fn exchange<B>(conn: &mut Conn, mut req: Outgoing<B>) -> Result<Head, Failure<B>>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    // The head, and the body as it comes, while watching for an early
+    // answer (an app may refuse an upload before reading it).
+    let mut writer = Writer::new(req.head.clone());
+    let mut written = false;
+    let mut body = req.body.take();
+    let chunked = req.chunked;
+    let early = poll_fn(|cx| {
+        loop {
+            if let Some(head) = ready_head(conn, req.method_head) {
+                return Poll::Ready(head.map(Some));
+            }
+            match writer.poll_flush(&mut conn.io, cx) {
+                Poll::Ready(Ok(n)) => written |= n > 0,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(Error::Io(e))),
+                Poll::Pending => {
+                    written |= writer.wrote_any();
+                    return poll_read_head(conn, cx, req.method_head).map_ok(Some);
+                }
+            }
+            // Everything queued is written: queue more of the body.
+            let Some(b) = body.as_mut() else {
+                return Poll::Ready(Ok(None));
+            };
+            match Pin::new(b).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => writer.queue_frame(frame, chunked),
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(Error::ClientBody(e.into()))),
+                Poll::Ready(None) => {
+                    if chunked && !writer.terminated {
+                        writer.queue(Bytes::from_static(b"0\r\n\r\n"));
+                    }
+                    body = None;
+                }
+                Poll::Pending => {
+                    return poll_read_head(conn, cx, req.method_head).map_ok(Some);
+                }
+            }
+        }
+    })
+    .await;
+    let written = written || writer.wrote_any();
+    let unfinished = body.is_some() || !writer.is_empty();
+    // Not a byte written means the body was not touched either.
+    req.body = body.take().filter(|_| !written);
+    let failed = |error: Error, written: bool, req: Outgoing<B>| Failure {
+        error,
+        unsent: (!written).then_some(req),
+    };
+    match early {
+        Ok(Some(mut head)) => {
+            // Answered before the request was sent in full: the connection
+            // is not reused.
+            if unfinished {
+                head.keep_alive = false;
+            }
+            Ok(head)
+        }
+        Ok(None) => match poll_fn(|cx| poll_read_head(conn, cx, req.method_head)).await {
+            Ok(head) => Ok(head),
+            Err(e) => Err(failed(e, true, req)),
+        },
+        Err(e @ Error::ClientBody(_)) => Err(failed(e, true, req)),
+        Err(e) => Err(failed(e, written, req)),
+    }
+}
+
+/// Reads until a final response head is in, or the read would block.
+fn poll_read_head(
+    conn: &mut Conn,
+    cx: &mut Context<'_>,
+    method_head: bool,
+) -> Poll<Result<Head, Error>> {
+    loop {
+        if let Some(head) = ready_head(conn, method_head) {
+            return Poll::Ready(head);
+        }
+        if conn.buf.len() >= MAX_HEAD {
+            return Poll::Ready(Err(Error::Malformed(format!(
+                "response head longer than {} KiB",
+                MAX_HEAD / 1024
+            ))));
+        }
+        match ready!(conn.poll_fill(cx)) {
+            Ok(0) if conn.buf.is_empty() => return Poll::Ready(Err(Error::Closed)),
+            Ok(0) => return Poll::Ready(Err(Error::Truncated("the response head"))),
+            Ok(_) => {}
+            Err(e) => return Poll::Ready(Err(Error::Io(e))),
+        }
+    }
+}
+
+/// A final response head parsed from the buffer, skipping interim ones;
+/// `None` when more bytes are needed.
+fn ready_head(conn: &mut Conn, method_head: bool) -> Option<Result<Head, Error>> {
+    loop {
+        if conn.buf.is_empty() {
+            return None;
+        }
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Response::new(&mut headers);
+        let len = match parsed.parse(&conn.buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return None,
+            Err(e) => return Some(Err(Error::Malformed(e.to_string()))),
+        };
+        let code = parsed.code.unwrap_or(0);
+        if (100..200).contains(&code) && code != 101 {
+            // 100 Continue, 102, 103: informational, not relayed.
+            conn.buf.advance(len);
+            continue;
+        }
+        let version = if parsed.version == Some(0) {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        let Ok(status) = StatusCode::from_u16(code) else {
+            return Some(Err(Error::Malformed(format!("status {code}"))));
+        };
+        let count = parsed.headers.len();
+        // Offsets, so that values can share the head's bytes.
+        let base = conn.buf.as_ptr() as usize;
+        let fields: Vec<(HeaderName, usize, usize)> = match parsed
+            .headers
+            .iter()
+            .map(|h| {
+                let name = HeaderName::from_bytes(h.name.as_bytes())
+                    .map_err(|_| Error::Malformed(format!("header name {:?}", h.name)))?;
+                let start = h.value.as_ptr() as usize - base;
+                Ok((name, start, start + h.value.len()))
+            })
+            .collect::<Result<_, Error>>()
+        {
+            Ok(fields) => fields,
+            Err(e) => return Some(Err(e)),
+        };
+        let bytes = conn.buf.split_to(len).freeze();
+        let mut map = HeaderMap::with_capacity(count);
+        for (name, start, end) in fields {
+            match HeaderValue::from_maybe_shared(bytes.slice(start..end)) {
+                Ok(value) => {
+                    map.append(name, value);
+                }
+                Err(_) => return Some(Err(Error::Malformed(format!("value of {name}")))),
+            }
+        }
+        return Some(head(status, version, map, method_head));
+    }
+}
+
+/// The response head and how its body is delimited (RFC 9112 §6.3).
+fn head(
+    status: StatusCode,
+    version: Version,
+    mut headers: HeaderMap,
+    method_head: bool,
+) -> Result<Head, Error> {
+    let mut keep_alive = version == Version::HTTP_11
+        && !tokens(&headers, &header::CONNECTION).any(|t| t.eq_ignore_ascii_case("close"));
+    let body = if status == StatusCode::SWITCHING_PROTOCOLS {
+        keep_alive = false;
+        Framing::Upgrade
+    } else if method_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED
+    {
+        Framing::Empty
+    } else if headers.contains_key(header::TRANSFER_ENCODING) {
+        let chunked = tokens(&headers, &header::TRANSFER_ENCODING)
+            .last()
+            .is_some_and(|t| t.eq_ignore_ascii_case("chunked"));
+        if headers.remove(header::CONTENT_LENGTH).is_some() {
+            // Both: the length is ignored (§6.3 point 3), and such a
+            // connection is not trusted with another request.
+            keep_alive = false;
+        }
+        if chunked {
+            Framing::Chunked
+        } else {
+            keep_alive = false;
+            Framing::UntilClose
+        }
+    } else if headers.contains_key(header::CONTENT_LENGTH) {
+        match content_length(&headers) {
+            Some(0) => Framing::Empty,
+            Some(n) => Framing::Length(n),
+            None => return Err(Error::Malformed("invalid Content-Length".into())),
+        }
+    } else {
+        keep_alive = false;
+        Framing::UntilClose
+    };
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    *response.version_mut() = version;
+    *response.headers_mut() = headers;
+    Ok(Head {
+        response,
+        body,
+        keep_alive,
+    })
+}
+
+/// Every comma-separated token of every `name` field.
+fn tokens<'a>(headers: &'a HeaderMap, name: &header::HeaderName) -> impl Iterator<Item = &'a str> {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// The one length every `Content-Length` field agrees on, if they do.
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        for part in value.to_str().ok()?.split(',') {
+            let part = part.trim();
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            let n: u64 = part.parse().ok()?;
+            if length.is_some_and(|l| l != n) {
+                return None;
+            }
+            length = Some(n);
+        }
+    }
+    length
+}
+
+/// Bytes waiting to be written to the app, in order.
+struct Writer {
+    queue: std::collections::VecDeque<Bytes>,
+    wrote: bool,
+    /// The last chunk (with trailers) is queued.
+    terminated: bool,
+}
+
+impl Writer {
+    fn new(head: Bytes) -> Writer {
+        let mut queue = std::collections::VecDeque::with_capacity(4);
+        queue.push_back(head);
+        Writer {
+            queue,
+            wrote: false,
+            terminated: false,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    fn wrote_any(&self) -> bool {
+        self.wrote
+    }
+
+    fn queue(&mut self, bytes: Bytes) {
+        if !bytes.is_empty() {
+            self.queue.push_back(bytes);
+        }
+    }
+
+    /// Queues a body frame, in chunked coding when `chunked`.
+    fn queue_frame(&mut self, frame: Frame<Bytes>, chunked: bool) {
+        match frame.into_data() {
+            Ok(data) if data.is_empty() => {}
+            Ok(data) if chunked => {
+                self.queue(Bytes::from(format!("{:x}\r\n", data.len())));
+                self.queue(data);
+                self.queue(Bytes::from_static(b"\r\n"));
+            }
+            Ok(data) => self.queue(data),
+            Err(frame) => {
+                // Trailers: only chunked coding can carry them.
+                if let (true, Ok(trailers)) = (chunked, frame.into_trailers()) {
+                    let mut text = b"0\r\n".to_vec();
+                    for (name, value) in &trailers {
+                        text.extend_from_slice(name.as_str().as_bytes());
+                        text.extend_from_slice(b": ");
+                        text.extend_from_slice(value.as_bytes());
+                        text.extend_from_slice(b"\r\n");
+                    }
+                    text.extend_from_slice(b"\r\n");
+                    self.queue(text.into());
+                    self.terminated = true;
+                }
+            }
+        }
+    }
+
+    /// Writes what is queued; `Ready(Ok(n))` once all of it is written.
+    fn poll_flush(
+        &mut self,
+        io: &mut UpstreamStream,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        let mut total = 0;
+        while !self.queue.is_empty() {
+            let mut slices = [io::IoSlice::new(&[]); 8];
+            let count = self.queue.len().min(slices.len());
+            for (slice, bytes) in slices.iter_mut().zip(&self.queue) {
+                *slice = io::IoSlice::new(bytes);
+            }
+            let n = match Pin::new(&mut *io).poll_write_vectored(cx, &slices[..count]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            };
+            self.wrote = true;
+            total += n;
+            let mut left = n;
+            while left > 0 {
+                let front = self.queue.front_mut().expect("written bytes were queued");
+                if front.len() <= left {
+                    left -= front.len();
+                    self.queue.pop_front();
+                } else {
+                    front.advance(left);
+                    left = 0;
+                }
+            }
+        }
+        Poll::Ready(Ok(total))
+    }
+}
+
+/// Where a connection goes when its response has been read to its end.
+pub trait Home: Send + Sync {
+    /// Takes back a connection ready for another request.
+    fn give_back(&self, conn: Conn);
+}
+
+/// The app's response body, read from its connection as it is polled. The
+/// connection goes home as soon as the body's last byte has been read (and
+/// closes if the body is dropped before).
+pub struct UpstreamBody {
+    conn: Option<Conn>,
+    decode: Decode,
+    keep_alive: bool,
+    home: Option<Box<dyn Home>>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Decode {
+    Length(u64),
+    /// Waiting for a chunk-size line.
+    ChunkSize,
+    /// Inside a chunk: bytes left.
+    ChunkData(u64),
+    /// The CRLF after a chunk's data.
+    ChunkEnd,
+    /// The trailer section after the last chunk.
+    Trailers,
+    UntilClose,
+    Done,
+}
+
+impl UpstreamBody {
+    /// The body framed by `framing` on `conn`; the connection goes to
+    /// `home` afterwards if `keep_alive`.
+    pub fn new(conn: Conn, framing: Framing, keep_alive: bool, home: Box<dyn Home>) -> Self {
+        let decode = match framing {
+            Framing::Empty | Framing::Upgrade => Decode::Done,
+            Framing::Length(n) => Decode::Length(n),
+            Framing::Chunked => Decode::ChunkSize,
+            Framing::UntilClose => Decode::UntilClose,
+        };
+        let mut body = UpstreamBody {
+            conn: Some(conn),
+            decode,
+            keep_alive,
+            home: Some(home),
+        };
+        if matches!(framing, Framing::Empty) {
+            body.finish();
+        }
+        body
+    }
+
+    /// The connection of a 101 response: the tunnel's upstream side.
+    pub fn take_upgraded(&mut self) -> Option<Conn> {
+        self.home = None;
+        self.conn.take()
+    }
+
+    /// The body has ended: the connection goes home if it can carry
+    /// another request.
+    fn finish(&mut self) {
+        self.decode = Decode::Done;
+        let conn = self.conn.take();
+        if let (Some(conn), Some(home)) = (conn, self.home.take()) {
+            if self.keep_alive && conn.buf.is_empty() {
+                home.give_back(conn);
+            }
+        }
+    }
+
+    fn conn(&mut self) -> &mut Conn {
+        self.conn
+            .as_mut()
+            .expect("a body still being read has its connection")
+    }
+
+    /// Reads more bytes; fails when the app closed the connection early.
+    fn poll_more(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        match ready!(self.conn().poll_fill(cx)) {
+            Ok(0) => Poll::Ready(Err(Error::Truncated("the response body"))),
+            Ok(_) => Poll::Ready(Ok(())),
+            Err(e) => Poll::Ready(Err(Error::Io(e))),
+        }
+    }
+
+    fn poll_decode(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        loop {
+            match self.decode {
+                Decode::Done => return Poll::Ready(None),
+                Decode::Length(0) => self.finish(),
+                Decode::Length(left) | Decode::ChunkData(left) => {
+                    if self.conn().buf.is_empty() {
+                        if let Err(e) = ready!(self.poll_more(cx)) {
+                            return Poll::Ready(Some(Err(e)));
+                        }
+                    }
+                    let buf = &mut self.conn().buf;
+                    let n = (buf.len() as u64).min(left);
+                    let data = buf.split_to(n as usize).freeze();
+                    let left = left - n;
+                    match self.decode {
+                        Decode::Length(_) if left == 0 => self.finish(),
+                        Decode::Length(_) => self.decode = Decode::Length(left),
+                        _ if left == 0 => self.decode = Decode::ChunkEnd,
+                        _ => self.decode = Decode::ChunkData(left),
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Decode::UntilClose => {
+                    let conn = self.conn();
+                    if conn.buf.is_empty() {
+                        match ready!(conn.poll_fill(cx)) {
+                            Ok(0) => {
+                                self.keep_alive = false;
+                                self.finish();
+                                return Poll::Ready(None);
+                            }
+                            Ok(_) => {}
+                            Err(e) => return Poll::Ready(Some(Err(Error::Io(e)))),
+                        }
+                    }
+                    let data = self.conn().buf.split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Decode::ChunkSize => {
+                    let buf = &self.conn().buf;
+                    let Some(end) = buf.iter().position(|&b| b == b'\n') else {
+                        if buf.len() > MAX_CHUNK_LINE {
+                            return Poll::Ready(Some(Err(Error::Malformed(
+                                "chunk size line too long".into(),
+                            ))));
+                        }
+                        if let Err(e) = ready!(self.poll_more(cx)) {
+                            return Poll::Ready(Some(Err(e)));
+                        }
+                        continue;
+                    };
+                    let size = match chunk_size(&buf[..end]) {
+                        Some(size) => size,
+                        None => {
+                            return Poll::Ready(Some(Err(Error::Malformed(
+                                "invalid chunk size line".into(),
+                            ))))
+                        }
+                    };
+                    self.conn().buf.advance(end + 1);
+                    self.decode = if size == 0 {
+                        Decode::Trailers
+                    } else {
+                        Decode::ChunkData(size)
+                    };
+                }
+                Decode::ChunkEnd => {
+                    let buf = &self.conn().buf;
+                    if buf.len() < 2 {
+                        if let Err(e) = ready!(self.poll_more(cx)) {
+                            return Poll::Ready(Some(Err(e)));
+                        }
+                        continue;
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Poll::Ready(Some(Err(Error::Malformed(
+                            "no CRLF after chunk data".into(),
+                        ))));
+                    }
+                    self.conn().buf.advance(2);
+                    self.decode = Decode::ChunkSize;
+                }
+                Decode::Trailers => {
+                    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                    let buf = &self.conn().buf;
+                    let (len, trailers) = match httparse::parse_headers(buf, &mut fields) {
+                        Ok(httparse::Status::Complete((len, parsed))) => {
+                            let mut trailers = HeaderMap::new();
+                            for field in parsed.iter() {
+                                let (Ok(name), Ok(value)) = (
+                                    HeaderName::from_bytes(field.name.as_bytes()),
+                                    HeaderValue::from_bytes(field.value),
+                                ) else {
+                                    return Poll::Ready(Some(Err(Error::Malformed(
+                                        "invalid trailer field".into(),
+                                    ))));
+                                };
+                                trailers.append(name, value);
+                            }
+                            (len, trailers)
+                        }
+                        Ok(httparse::Status::Partial) if buf.len() <= 4 * MAX_CHUNK_LINE => {
+                            if let Err(e) = ready!(self.poll_more(cx)) {
+                                return Poll::Ready(Some(Err(e)));
+                            }
+                            continue;
+                        }
+                        Ok(httparse::Status::Partial) => {
+                            return Poll::Ready(Some(Err(Error::Malformed(
+                                "trailer section too long".into(),
+                            ))))
+                        }
+                        Err(e) => {
+                            return Poll::Ready(Some(Err(Error::Malformed(format!(
+                                "trailers: {e}"
+                            )))))
+                        }
+                    };
+                    self.conn().buf.advance(len);
+                    self.finish();
+                    if !trailers.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The size in a chunk-size line (without its LF): hex digits, then
+/// nothing, or extensions after `;` (with optional whitespace), then CR.
+fn chunk_size(line: &[u8]) -> Option<u64> {
+    let line = line.strip_suffix(b"\r")?;
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 || digits > 15 {
+        return None;
+    }
+    let rest = &line[digits..];
+    let rest_ok = rest.is_empty()
+        || rest
+            .iter()
+            .find(|b| !matches!(b, b' ' | b'\t'))
+            .is_some_and(|&b| b == b';');
+    if !rest_ok {
+        return None;
+    }
+    let text = std::str::from_utf8(&line[..digits]).ok()?;
+    u64::from_str_radix(text, 16).ok()
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        let this = self.get_mut();
+        let polled = this.poll_decode(cx);
+        if let Poll::Ready(Some(Err(_))) = polled {
+            // Never reused after an error.
+            this.decode = Decode::Done;
+            this.home = None;
+            this.conn = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.decode, Decode::Done | Decode::Length(0))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.decode {
+            Decode::Done => SizeHint::with_exact(0),
+            Decode::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_size_lines() {
+        assert_eq!(chunk_size(b"1a\r"), Some(26));
+        assert_eq!(chunk_size(b"0\r"), Some(0));
+        assert_eq!(chunk_size(b"A;name=value\r"), Some(10));
+        assert_eq!(chunk_size(b"A ;x\r"), Some(10));
+        assert_eq!(chunk_size(b"A\t;x\r"), Some(10));
+        assert_eq!(chunk_size(b"1a"), None, "no CR");
+        assert_eq!(chunk_size(b"\r"), None);
+        assert_eq!(chunk_size(b"-1\r"), None);
+        assert_eq!(chunk_size(b"0x10\r"), None);
+        assert_eq!(chunk_size(b"1 2\r"), None);
+        assert_eq!(chunk_size(b"ffffffffffffffff\r"), None, "too long to trust");
+    }
+
+    #[test]
+    fn content_length_must_agree() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        assert_eq!(content_length(&h), Some(5));
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("5, 5"));
+        assert_eq!(content_length(&h), Some(5));
+        h.append(header::CONTENT_LENGTH, HeaderValue::from_static("6"));
+        assert_eq!(content_length(&h), None);
+        for bad in ["", "+5", "5 5", "0x5", "-1", "99999999999999999999999"] {
+            let mut h = HeaderMap::new();
+            h.append(header::CONTENT_LENGTH, HeaderValue::from_static(bad));
+            assert_eq!(content_length(&h), None, "{bad:?}");
+        }
+    }
+}
