@@ -30,7 +30,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::AsyncWrite;
 
 use crate::upstream::UpstreamStream;
 
@@ -47,6 +47,8 @@ const MAX_CHUNK_LINE: usize = 4 * 1024;
 pub struct Conn {
     io: UpstreamStream,
     buf: BytesMut,
+    /// Bytes arrived since the current exchange began.
+    received: bool,
 }
 
 impl Conn {
@@ -55,6 +57,7 @@ impl Conn {
         Conn {
             io,
             buf: BytesMut::new(),
+            received: false,
         }
     }
 
@@ -62,16 +65,7 @@ impl Conn {
     /// closed it nor sent anything unasked. Costs no system call unless the
     /// socket was reported readable.
     pub fn is_usable(&mut self) -> bool {
-        if !self.buf.is_empty() {
-            return false;
-        }
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        let mut probe = [0u8; 1];
-        let mut probe = ReadBuf::new(&mut probe);
-        // Ready means the end of the stream, a stray byte or an error.
-        Pin::new(&mut self.io)
-            .poll_read(&mut cx, &mut probe)
-            .is_pending()
+        self.buf.is_empty() && self.io.is_open_and_quiet()
     }
 
     /// Reads more bytes into the buffer; `Ok(0)` at the end of the stream.
@@ -79,8 +73,10 @@ impl Conn {
         if self.buf.capacity() - self.buf.len() < 1024 {
             self.buf.reserve(READ_SIZE);
         }
-        let Conn { io, buf } = self;
-        tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)
+        let Conn { io, buf, received } = self;
+        let filled = ready!(tokio_util::io::poll_read_buf(Pin::new(io), cx, buf));
+        *received |= matches!(filled, Ok(n) if n > 0);
+        Poll::Ready(filled)
     }
 
     /// The stream and what was read past the response head, for a tunnel.
@@ -242,6 +238,9 @@ pub struct Failure<B> {
     /// The request, when not a byte of it was written: it can go elsewhere
     /// whatever its method.
     pub unsent: Option<Outgoing<B>>,
+    /// Whether any byte of a response (an interim one included) came
+    /// before the failure: then the request is never sent again.
+    pub response_started: bool,
 }
 
 /// A response head from the app, its body still on the connection.
@@ -250,6 +249,10 @@ pub struct Head {
     pub body: Framing,
     /// Whether the connection may carry another request after this one.
     pub keep_alive: bool,
+    /// The rest of the request when the app answered before it was all
+    /// sent: the response body keeps sending it (an app may stream its
+    /// answer to an upload it is still reading).
+    pub upload: Option<Box<dyn Pump>>,
 }
 
 /// How the response body is delimited.
@@ -271,71 +274,120 @@ pub enum Framing {
 /// connection is positioned at the start of the response body.
 pub async fn exchange<B>(conn: &mut Conn, mut req: Outgoing<B>) -> Result<Head, Failure<B>>
 where
-    B: Body<Data = Bytes> + Unpin,
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    conn.received = false;
+    let method_head = req.method_head;
+    let mut upload = Upload {
+        writer: Writer::new(req.head.clone()),
+        body: req.body.take(),
+        chunked: req.chunked,
+    };
     // The head, and the body as it comes, while watching for an early
     // answer (an app may refuse an upload before reading it).
-    let mut writer = Writer::new(req.head.clone());
-    let mut written = false;
-    let mut body = req.body.take();
-    let chunked = req.chunked;
     let early = poll_fn(|cx| {
-        loop {
-            if let Some(head) = ready_head(conn, req.method_head) {
-                return Poll::Ready(head.map(Some));
-            }
-            match writer.poll_flush(&mut conn.io, cx) {
-                Poll::Ready(Ok(n)) => written |= n > 0,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(Error::Io(e))),
-                Poll::Pending => {
-                    written |= writer.wrote_any();
-                    return poll_read_head(conn, cx, req.method_head).map_ok(Some);
-                }
-            }
-            // Everything queued is written: queue more of the body.
-            let Some(b) = body.as_mut() else {
-                return Poll::Ready(Ok(None));
-            };
-            match Pin::new(b).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => writer.queue_frame(frame, chunked),
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(Error::ClientBody(e.into()))),
-                Poll::Ready(None) => {
-                    if chunked && !writer.terminated {
-                        writer.queue(Bytes::from_static(b"0\r\n\r\n"));
+        if let Some(head) = ready_head(conn, method_head) {
+            return Poll::Ready(head.map(Some));
+        }
+        match upload.poll_pump(&mut conn.io, cx) {
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(None)),
+            Poll::Ready(Err(e)) => {
+                // An app that answered and closed (a 413) makes the write
+                // fail: its answer may already be here.
+                if !matches!(e, Error::ClientBody(_)) {
+                    if let Poll::Ready(Ok(head)) = poll_read_head(conn, cx, method_head) {
+                        return Poll::Ready(Ok(Some(head)));
                     }
-                    body = None;
                 }
-                Poll::Pending => {
-                    return poll_read_head(conn, cx, req.method_head).map_ok(Some);
-                }
+                Poll::Ready(Err(e))
             }
+            Poll::Pending => poll_read_head(conn, cx, method_head).map_ok(Some),
         }
     })
     .await;
-    let written = written || writer.wrote_any();
-    let unfinished = body.is_some() || !writer.is_empty();
-    // Not a byte written means the body was not touched either.
-    req.body = body.take().filter(|_| !written);
-    let failed = |error: Error, written: bool, req: Outgoing<B>| Failure {
-        error,
-        unsent: (!written).then_some(req),
-    };
-    match early {
+    let written = upload.writer.wrote;
+    let error = match early {
         Ok(Some(mut head)) => {
-            // Answered before the request was sent in full: the connection
-            // is not reused.
-            if unfinished {
-                head.keep_alive = false;
+            if !upload.is_done() {
+                // Answered before the request was sent in full: the rest
+                // goes with the response body, and the connection is only
+                // reused if it all went.
+                head.upload = Some(Box::new(upload));
             }
-            Ok(head)
+            return Ok(head);
         }
-        Ok(None) => match poll_fn(|cx| poll_read_head(conn, cx, req.method_head)).await {
-            Ok(head) => Ok(head),
-            Err(e) => Err(failed(e, true, req)),
+        Ok(None) => match poll_fn(|cx| poll_read_head(conn, cx, method_head)).await {
+            Ok(head) => return Ok(head),
+            Err(e) => e,
         },
-        Err(e @ Error::ClientBody(_)) => Err(failed(e, true, req)),
-        Err(e) => Err(failed(e, written, req)),
+        Err(e) => e,
+    };
+    // Not a byte written means the body was not touched either.
+    if !written {
+        req.body = upload.body.take();
+    }
+    Err(Failure {
+        unsent: (!written && !matches!(error, Error::ClientBody(_))).then_some(req),
+        response_started: conn.received,
+        error,
+    })
+}
+
+/// What is left of a request being sent: queued bytes and the body.
+struct Upload<B> {
+    writer: Writer,
+    body: Option<B>,
+    chunked: bool,
+}
+
+/// Sends the rest of a request; object-safe so that a response body can
+/// carry it without knowing the request body's type.
+pub trait Pump: Send {
+    /// Writes and pulls the body until it has all been sent (`Ok`), it
+    /// fails, or it must wait.
+    fn poll_pump(
+        &mut self,
+        io: &mut UpstreamStream,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), Error>>;
+}
+
+impl<B> Upload<B> {
+    fn is_done(&self) -> bool {
+        self.body.is_none() && self.writer.is_empty()
+    }
+}
+
+impl<B> Pump for Upload<B>
+where
+    B: Body<Data = Bytes> + Unpin + Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn poll_pump(
+        &mut self,
+        io: &mut UpstreamStream,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(), Error>> {
+        loop {
+            ready!(self.writer.poll_flush(io, cx)).map_err(Error::Io)?;
+            let Some(body) = self.body.as_mut() else {
+                return Poll::Ready(Ok(()));
+            };
+            match ready!(Pin::new(body).poll_frame(cx)) {
+                Some(Ok(frame)) => self.writer.queue_frame(frame, self.chunked),
+                Some(Err(e)) => {
+                    self.body = None;
+                    return Poll::Ready(Err(Error::ClientBody(e.into())));
+                }
+                None => {
+                    if self.chunked && !self.writer.terminated {
+                        self.writer.queue(Bytes::from_static(b"0\r\n\r\n"));
+                    }
+                    self.body = None;
+                }
+            }
+        }
     }
 }
 
@@ -363,6 +415,9 @@ fn poll_read_head(
         }
     }
 }
+
+/// Where a header value is: its range in the head, or a copy.
+type ValuePlace = Result<(usize, usize), Bytes>;
 
 /// A final response head parsed from the buffer, skipping interim ones;
 /// `None` when more bytes are needed.
@@ -393,16 +448,22 @@ fn ready_head(conn: &mut Conn, method_head: bool) -> Option<Result<Head, Error>>
             return Some(Err(Error::Malformed(format!("status {code}"))));
         };
         let count = parsed.headers.len();
-        // Offsets, so that values can share the head's bytes.
+        // Offsets, so that values can share the head's bytes (a value
+        // httparse did not take from the buffer, if any, is copied).
         let base = conn.buf.as_ptr() as usize;
-        let fields: Vec<(HeaderName, usize, usize)> = match parsed
+        let fields: Vec<(HeaderName, ValuePlace)> = match parsed
             .headers
             .iter()
             .map(|h| {
                 let name = HeaderName::from_bytes(h.name.as_bytes())
                     .map_err(|_| Error::Malformed(format!("header name {:?}", h.name)))?;
-                let start = h.value.as_ptr() as usize - base;
-                Ok((name, start, start + h.value.len()))
+                let start = (h.value.as_ptr() as usize).wrapping_sub(base);
+                let place = if start <= len && h.value.len() <= len - start {
+                    Ok((start, start + h.value.len()))
+                } else {
+                    Err(Bytes::copy_from_slice(h.value))
+                };
+                Ok((name, place))
             })
             .collect::<Result<_, Error>>()
         {
@@ -411,8 +472,12 @@ fn ready_head(conn: &mut Conn, method_head: bool) -> Option<Result<Head, Error>>
         };
         let bytes = conn.buf.split_to(len).freeze();
         let mut map = HeaderMap::with_capacity(count);
-        for (name, start, end) in fields {
-            match HeaderValue::from_maybe_shared(bytes.slice(start..end)) {
+        for (name, place) in fields {
+            let value = match place {
+                Ok((start, end)) => bytes.slice(start..end),
+                Err(copy) => copy,
+            };
+            match HeaderValue::from_maybe_shared(value) {
                 Ok(value) => {
                     map.append(name, value);
                 }
@@ -471,6 +536,7 @@ fn head(
         response,
         body,
         keep_alive,
+        upload: None,
     })
 }
 
@@ -510,6 +576,8 @@ struct Writer {
     wrote: bool,
     /// The last chunk (with trailers) is queued.
     terminated: bool,
+    /// Bytes were written since the last flush.
+    unflushed: bool,
 }
 
 impl Writer {
@@ -520,15 +588,12 @@ impl Writer {
             queue,
             wrote: false,
             terminated: false,
+            unflushed: false,
         }
     }
 
     fn is_empty(&self) -> bool {
-        self.queue.is_empty()
-    }
-
-    fn wrote_any(&self) -> bool {
-        self.wrote
+        self.queue.is_empty() && !self.unflushed
     }
 
     fn queue(&mut self, bytes: Bytes) {
@@ -585,6 +650,7 @@ impl Writer {
                 Poll::Pending => return Poll::Pending,
             };
             self.wrote = true;
+            self.unflushed = true;
             total += n;
             let mut left = n;
             while left > 0 {
@@ -597,6 +663,11 @@ impl Writer {
                     left = 0;
                 }
             }
+        }
+        // A TLS stream may hold written bytes until it is flushed.
+        if self.unflushed {
+            ready!(Pin::new(&mut *io).poll_flush(cx))?;
+            self.unflushed = false;
         }
         Poll::Ready(Ok(total))
     }
@@ -616,6 +687,8 @@ pub struct UpstreamBody {
     decode: Decode,
     keep_alive: bool,
     home: Option<Box<dyn Home>>,
+    /// The rest of a request the app answered early, still being sent.
+    upload: Option<Box<dyn Pump>>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -634,9 +707,10 @@ enum Decode {
 }
 
 impl UpstreamBody {
-    /// The body framed by `framing` on `conn`; the connection goes to
-    /// `home` afterwards if `keep_alive`.
-    pub fn new(conn: Conn, framing: Framing, keep_alive: bool, home: Box<dyn Home>) -> Self {
+    /// The body of `head`'s response on `conn`; the connection goes to
+    /// `home` afterwards if it can carry another request.
+    pub fn new(conn: Conn, head: &mut Head, home: Box<dyn Home>) -> Self {
+        let framing = head.body;
         let decode = match framing {
             Framing::Empty | Framing::Upgrade => Decode::Done,
             Framing::Length(n) => Decode::Length(n),
@@ -646,8 +720,9 @@ impl UpstreamBody {
         let mut body = UpstreamBody {
             conn: Some(conn),
             decode,
-            keep_alive,
+            keep_alive: head.keep_alive,
             home: Some(home),
+            upload: head.upload.take(),
         };
         if matches!(framing, Framing::Empty) {
             body.finish();
@@ -667,7 +742,8 @@ impl UpstreamBody {
         self.decode = Decode::Done;
         let conn = self.conn.take();
         if let (Some(conn), Some(home)) = (conn, self.home.take()) {
-            if self.keep_alive && conn.buf.is_empty() {
+            // An unfinished upload leaves the connection mid-request.
+            if self.keep_alive && conn.buf.is_empty() && self.upload.is_none() {
                 home.give_back(conn);
             }
         }
@@ -826,12 +902,12 @@ fn chunk_size(line: &[u8]) -> Option<u64> {
     if digits == 0 || digits > 15 {
         return None;
     }
-    let rest = &line[digits..];
-    let rest_ok = rest.is_empty()
-        || rest
-            .iter()
-            .find(|b| !matches!(b, b' ' | b'\t'))
-            .is_some_and(|&b| b == b';');
+    // Whitespace may follow the size (hyper accepts it too), then
+    // extensions after `;`.
+    let rest_ok = line[digits..]
+        .iter()
+        .find(|b| !matches!(b, b' ' | b'\t'))
+        .is_none_or(|&b| b == b';');
     if !rest_ok {
         return None;
     }
@@ -848,6 +924,19 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         let this = self.get_mut();
+        if let (Some(upload), Some(conn)) = (this.upload.as_mut(), this.conn.as_mut()) {
+            match upload.poll_pump(&mut conn.io, cx) {
+                Poll::Ready(Ok(())) => this.upload = None,
+                Poll::Ready(Err(e)) => {
+                    // The answer is still relayed; the connection is not
+                    // reused.
+                    tracing::debug!(error = %e, "the rest of a request answered early could not be sent");
+                    this.upload = None;
+                    this.keep_alive = false;
+                }
+                Poll::Pending => {}
+            }
+        }
         let polled = this.poll_decode(cx);
         if let Poll::Ready(Some(Err(_))) = polled {
             // Never reused after an error.
@@ -887,6 +976,7 @@ mod tests {
         assert_eq!(chunk_size(b"-1\r"), None);
         assert_eq!(chunk_size(b"0x10\r"), None);
         assert_eq!(chunk_size(b"1 2\r"), None);
+        assert_eq!(chunk_size(b"a \r"), Some(10), "trailing whitespace");
         assert_eq!(chunk_size(b"ffffffffffffffff\r"), None, "too long to trust");
     }
 

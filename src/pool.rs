@@ -172,7 +172,11 @@ impl Pool {
                         (Some(out), _) => out,
                         // Written, and the connection was lost before any
                         // response: idempotent and bodiless, so it may go again.
-                        (None, Some(copy)) if failure.error.is_connection_lost() => copy,
+                        (None, Some(copy))
+                            if !failure.response_started && failure.error.is_connection_lost() =>
+                        {
+                            copy
+                        }
                         (None, _) => return Err(SendError::Http(failure.error)),
                     },
                 }
@@ -196,9 +200,9 @@ impl Pool {
         }
     }
 
-    fn respond(&self, conn: Conn, head: h1::Head) -> Response<UpstreamBody> {
+    fn respond(&self, conn: Conn, mut head: h1::Head) -> Response<UpstreamBody> {
         let home = Box::new(Home(Arc::downgrade(&self.shared)));
-        let body = UpstreamBody::new(conn, head.body, head.keep_alive, home);
+        let body = UpstreamBody::new(conn, &mut head, home);
         head.response.map(|()| body)
     }
 

@@ -177,6 +177,34 @@ pub struct UpstreamStream {
     _open: crate::server::GaugeGuard,
 }
 
+impl UpstreamStream {
+    /// Whether an idle connection is still open and the app has sent
+    /// nothing on it: a read that would block. Costs no system call unless
+    /// the socket was reported readable.
+    pub fn is_open_and_quiet(&mut self) -> bool {
+        let mut probe = [0u8; 1];
+        let would_block =
+            |r: io::Result<usize>| matches!(r, Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+        match &mut self.inner {
+            Stream::Tcp(s) => would_block(s.try_read(&mut probe)),
+            Stream::Unix(s) => would_block(s.try_read(&mut probe)),
+            Stream::Tls(s) => {
+                // TLS records (a session ticket) may arrive on a live
+                // connection: only plaintext or the end of it counts. With
+                // the task's budget spent the read would say nothing.
+                if !tokio::task::coop::has_budget_remaining() {
+                    return true;
+                }
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                let mut buf = ReadBuf::new(&mut probe);
+                Pin::new(s.as_mut())
+                    .poll_read(&mut cx, &mut buf)
+                    .is_pending()
+            }
+        }
+    }
+}
+
 /// The transport of an upstream connection.
 pub enum Stream {
     /// TCP, with TCP_NODELAY.

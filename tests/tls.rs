@@ -340,6 +340,13 @@ async fn an_https_upstream_and_https_hooks_are_verified_with_the_configured_ca()
     let reply = common::get(&sidecar.url("/over-tls?x=1"), &[]).await;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.json()["uri"], "/over-tls?x=1");
+    // An upload and a download far larger than the socket buffers, over
+    // TLS to the app.
+    let upload = common::request("POST", &sidecar.url("/count"), &[], vec![7u8; 8 << 20]).await;
+    assert_eq!(upload.status, 200);
+    assert_eq!(upload.json()["bytes"], 8 << 20);
+    let download = common::get(&sidecar.url(&format!("/download/{}", 8 << 20)), &[]).await;
+    assert_eq!((download.status, download.body.len()), (200, 8 << 20));
     assert_eq!(
         common::get(&sidecar.url("/__heartbeat__"), &[])
             .await

@@ -41,6 +41,7 @@ fn script(path: &str) -> Option<&'static [u8]> {
         "/short" => b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly this",
         "/head" => b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n",
         "/no-content" => b"HTTP/1.1 204 No Content\r\n\r\n",
+        "/hint-then-close" => b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n",
         "/early" => b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo long",
         _ => return None,
     })
@@ -103,7 +104,39 @@ async fn serve(mut stream: TcpStream, conn: usize, log: Arc<Mutex<Vec<String>>>)
                     .map(|v| v.trim().parse().unwrap())
             })
             .unwrap_or(0);
+        let dribble = head.to_ascii_lowercase().contains("\r\nx-dribble: 1\r\n");
         log.lock().unwrap().push(head);
+        if path == "/echo-stream" {
+            // Answers at once, then echoes the upload as it reads it, one
+            // chunk per read, and ends after the last byte.
+            let reply =
+                format!("HTTP/1.1 200 OK\r\nx-conn: {conn}\r\nTransfer-Encoding: chunked\r\n\r\n");
+            if stream.write_all(reply.as_bytes()).await.is_err() {
+                return;
+            }
+            let mut left = length;
+            while left > 0 {
+                if buf.is_empty() {
+                    let mut chunk = [0u8; 65536];
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let n = buf.len().min(left);
+                let mut out = format!("{n:x}\r\n").into_bytes();
+                out.extend(buf.drain(..n));
+                out.extend_from_slice(b"\r\n");
+                left -= n;
+                if stream.write_all(&out).await.is_err() {
+                    return;
+                }
+            }
+            if stream.write_all(b"0\r\n\r\n").await.is_err() {
+                return;
+            }
+            continue;
+        }
         if path != "/early" {
             while buf.len() < length {
                 let mut chunk = [0u8; 65536];
@@ -127,12 +160,23 @@ async fn serve(mut stream: TcpStream, conn: usize, log: Arc<Mutex<Vec<String>>>)
         let mut out = text[..line_end].to_vec();
         out.extend_from_slice(format!("x-conn: {conn}\r\n").as_bytes());
         out.extend_from_slice(&text[line_end..]);
-        if stream.write_all(&out).await.is_err() {
+        // `x-dribble: 1`: one byte per write (TCP_NODELAY: one segment
+        // each, paced 50 µs apart), so the sidecar sees the partial states of
+        // the response.
+        if dribble {
+            let _ = stream.set_nodelay(true);
+            for byte in &out {
+                if stream.write_all(std::slice::from_ref(byte)).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_micros(50)).await;
+            }
+        } else if stream.write_all(&out).await.is_err() {
             return;
         }
         if matches!(
             path.as_str(),
-            "/until-close" | "/close" | "/http10" | "/short" | "/early"
+            "/until-close" | "/close" | "/http10" | "/short" | "/early" | "/hint-then-close"
         ) {
             let _ = stream.shutdown().await;
             // Keep the socket until the peer is done, so the early answer
@@ -404,4 +448,76 @@ async fn requests_are_framed_by_the_sidecar() {
     assert!(lower[1].contains("content-length: 0\r\n"), "{}", heads[1]);
     assert!(!lower[2].contains("content-length"), "{}", heads[2]);
     assert!(!lower[2].contains("transfer-encoding"), "{}", heads[2]);
+}
+
+#[tokio::test]
+async fn a_response_that_arrives_one_byte_at_a_time_is_read_the_same() {
+    let app = WireApp::start();
+    let sidecar = sidecar(&app);
+    let dribble = [("x-dribble", "1")];
+    for (method, path, status, body) in [
+        ("GET", "/plain", 200, &b"ok"[..]),
+        ("GET", "/chunked", 200, &b"hello world"[..]),
+        ("GET", "/interim", 200, &b"at last"[..]),
+        ("GET", "/no-content", 204, &b""[..]),
+        ("HEAD", "/head", 200, &b""[..]),
+        ("GET", "/until-close", 200, &b"all of it, until the end"[..]),
+    ] {
+        let reply = request(method, &sidecar.url(path), &dribble, Bytes::new()).await;
+        assert_eq!(
+            (reply.status, &reply.body[..]),
+            (status, body),
+            "{method} {path}"
+        );
+    }
+    // The chunked response again, with its trailers.
+    let raw = common::raw(
+        sidecar.addr,
+        b"GET /trailers HTTP/1.1\r\nHost: h\r\nTE: trailers\r\nx-dribble: 1\r\nConnection: close\r\n\r\n",
+    );
+    assert!(
+        raw.to_ascii_lowercase()
+            .contains("\r\n0\r\nx-sum: 42\r\n\r\n"),
+        "{raw}"
+    );
+    // A connection that carried dribbled responses to their ends is reused.
+    let first = request("GET", &sidecar.url("/plain"), &dribble, Bytes::new()).await;
+    let second = request("GET", &sidecar.url("/chunked"), &dribble, Bytes::new()).await;
+    let third = get(&sidecar.url("/plain"), &[]).await;
+    assert_eq!(conn_of(&first), conn_of(&second));
+    assert_eq!(conn_of(&second), conn_of(&third));
+}
+
+#[tokio::test]
+async fn an_app_that_streams_its_answer_while_reading_the_upload_gets_all_of_it() {
+    let app = WireApp::start();
+    let sidecar = sidecar(&app);
+    // 4 MiB: the app answers after the head, so the sidecar must keep
+    // sending the upload while it relays the answer.
+    let upload: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+    let reply = request("POST", &sidecar.url("/echo-stream"), &[], upload.clone()).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body.len(), upload.len());
+    assert!(reply.body[..] == upload[..], "the echo is the upload");
+    // Both messages ended: the connection carries the next request.
+    let next = get(&sidecar.url("/plain"), &[]).await;
+    assert_eq!(conn_of(&next), conn_of(&reply));
+}
+
+#[tokio::test]
+async fn a_request_whose_response_had_begun_is_never_sent_again() {
+    let app = WireApp::start();
+    let sidecar = sidecar(&app);
+    let first = get(&sidecar.url("/plain"), &[]).await;
+    assert_eq!(first.status, 200);
+    // On the reused connection, the app sends an interim response, then
+    // closes: a GET without a body, but its response had begun.
+    let reply = get(&sidecar.url("/hint-then-close"), &[]).await;
+    assert_eq!(reply.status, 502);
+    let sent = app
+        .heads()
+        .iter()
+        .filter(|h| h.starts_with("GET /hint-then-close "))
+        .count();
+    assert_eq!(sent, 1, "sent once: {:?}", app.heads());
 }
