@@ -689,6 +689,10 @@ pub struct UpstreamBody {
     home: Option<Box<dyn Home>>,
     /// The rest of a request the app answered early, still being sent.
     upload: Option<Box<dyn Pump>>,
+    /// Data was returned since the body last returned `Pending`.
+    relayed: bool,
+    /// An error held back for one poll (see `poll_frame`).
+    failed: Option<Error>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -723,6 +727,8 @@ impl UpstreamBody {
             keep_alive: head.keep_alive,
             home: Some(home),
             upload: head.upload.take(),
+            relayed: false,
+            failed: None,
         };
         if matches!(framing, Framing::Empty) {
             body.finish();
@@ -924,6 +930,10 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         let this = self.get_mut();
+        if let Some(e) = this.failed.take() {
+            this.decode = Decode::Done;
+            return Poll::Ready(Some(Err(e)));
+        }
         if let (Some(upload), Some(conn)) = (this.upload.as_mut(), this.conn.as_mut()) {
             match upload.poll_pump(&mut conn.io, cx) {
                 Poll::Ready(Ok(())) => this.upload = None,
@@ -938,13 +948,34 @@ impl Body for UpstreamBody {
             }
         }
         let polled = this.poll_decode(cx);
-        if let Poll::Ready(Some(Err(_))) = polled {
-            // Never reused after an error.
-            this.decode = Decode::Done;
-            this.home = None;
-            this.conn = None;
+        match polled {
+            Poll::Ready(Some(Err(e))) => {
+                // Never reused after an error.
+                this.home = None;
+                this.conn = None;
+                if this.relayed {
+                    // Data went to hyper since it last waited: it flushes
+                    // what it holds only when the body waits, and drops it
+                    // on an error. Wait once, so the client gets the bytes
+                    // that did arrive before its connection is cut.
+                    this.relayed = false;
+                    this.failed = Some(e);
+                    cx.waker().wake_by_ref();
+                    return Poll::Pending;
+                }
+                this.decode = Decode::Done;
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                this.relayed = true;
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Pending => {
+                this.relayed = false;
+                Poll::Pending
+            }
+            Poll::Ready(None) => Poll::Ready(None),
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -350,15 +350,17 @@ async fn a_body_cut_short_or_badly_chunked_fails_the_client_response_and_its_lin
             sidecar.addr,
             format!("GET {path} HTTP/1.1\r\nHost: h\r\n\r\n").as_bytes(),
         );
-        // The client never gets a whole response: the connection is cut,
-        // before or after the head left (hyper drops what it buffered).
+        // What arrived went out, then the connection is cut: never a
+        // whole response. A bad first chunk leaves nothing to send: hyper
+        // drops the buffered head with the connection.
         assert!(
-            raw.is_empty() || raw.starts_with("HTTP/1.1 200"),
+            raw.starts_with("HTTP/1.1 200") || (path == "/bad-chunk" && raw.is_empty()),
             "{path}: {raw}"
         );
         assert!(!raw.ends_with("0\r\n\r\n"), "{path}: {raw:?}");
-        if raw.contains("only this") {
-            assert!(raw.contains("content-length: 100"), "{raw}");
+        if path == "/short" {
+            assert!(raw.contains("content-length: 100\r\n"), "{raw}");
+            assert!(raw.ends_with("\r\n\r\nonly this"), "{raw:?}");
         }
         sidecar.stdout.wait_for(path, |l| {
             l.contains(&format!("\"path\":\"{path}\"")) && l.contains(why)
