@@ -215,11 +215,6 @@ where
         }
     }
 
-    /// Whether the request has a body to send.
-    pub fn has_body(&self) -> bool {
-        self.body.is_some()
-    }
-
     /// The same request without its body, to send again: only for a
     /// request that has none.
     pub fn replay(&self) -> Option<Outgoing<B>> {
