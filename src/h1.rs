@@ -174,20 +174,12 @@ where
         head.push(b' ');
         head.extend_from_slice(target.as_bytes());
         head.extend_from_slice(b" HTTP/1.1\r\n");
-        let mut had_length = false;
-        for (name, value) in &parts.headers {
-            if name == header::CONTENT_LENGTH {
-                had_length = true;
-                continue;
-            }
-            if name == header::TRANSFER_ENCODING {
-                continue;
-            }
-            head.extend_from_slice(name.as_str().as_bytes());
-            head.extend_from_slice(b": ");
-            head.extend_from_slice(value.as_bytes());
-            head.extend_from_slice(b"\r\n");
-        }
+        // The framing headers are the sidecar's own, written below.
+        let had_length = parts.headers.contains_key(header::CONTENT_LENGTH);
+        let fields = parts.headers.iter().filter(|(name, _)| {
+            *name != header::CONTENT_LENGTH && *name != header::TRANSFER_ENCODING
+        });
+        write_fields(&mut head, fields);
         let empty = body.is_end_stream();
         let mut chunked = false;
         match body.size_hint().exact() {
@@ -535,8 +527,25 @@ fn head(
     })
 }
 
-/// Every comma-separated token of every `name` field.
-fn tokens<'a>(headers: &'a HeaderMap, name: &header::HeaderName) -> impl Iterator<Item = &'a str> {
+/// Writes `name: value` lines.
+fn write_fields<'a>(
+    out: &mut Vec<u8>,
+    fields: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+) {
+    for (name, value) in fields {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Every comma-separated token of every `name` field (`Connection`,
+/// `Transfer-Encoding`, `TE`).
+pub fn tokens<'a>(
+    headers: &'a HeaderMap,
+    name: &header::HeaderName,
+) -> impl Iterator<Item = &'a str> {
     headers
         .get_all(name)
         .iter()
@@ -611,12 +620,7 @@ impl Writer {
                 // Trailers: only chunked coding can carry them.
                 if let (true, Ok(trailers)) = (chunked, frame.into_trailers()) {
                     let mut text = b"0\r\n".to_vec();
-                    for (name, value) in &trailers {
-                        text.extend_from_slice(name.as_str().as_bytes());
-                        text.extend_from_slice(b": ");
-                        text.extend_from_slice(value.as_bytes());
-                        text.extend_from_slice(b"\r\n");
-                    }
+                    write_fields(&mut text, trailers.iter());
                     text.extend_from_slice(b"\r\n");
                     self.queue(text.into());
                     self.terminated = true;

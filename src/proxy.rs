@@ -357,13 +357,7 @@ pub fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
 
 /// Every token of every `Connection` header value.
 fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
+    crate::h1::tokens(headers, &header::CONNECTION)
 }
 
 /// Removes hop-by-hop headers and every header named in a `Connection`
@@ -378,12 +372,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             headers.remove(&name);
         }
     }
-    let te_trailers = headers.get_all(header::TE).iter().any(|v| {
-        v.to_str().is_ok_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        })
-    });
+    let te_trailers =
+        crate::h1::tokens(headers, &header::TE).any(|t| t.eq_ignore_ascii_case("trailers"));
     for name in HOP_BY_HOP {
         headers.remove(name);
     }
