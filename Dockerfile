@@ -28,6 +28,10 @@ RUN mkdir src && echo 'fn main() {}' > src/main.rs && echo '' > src/lib.rs \
     && rm -rf src
 COPY src ./src
 COPY examples ./examples
+# The function layout (build.rs): what start-up, idle and the proxy path run
+# sits together, so an idle sidecar maps less of its text.
+COPY build.rs ./
+COPY build ./build
 ENV DOCKERFLOW_SIDECAR_COMMIT=${COMMIT}
 RUN touch src/main.rs src/lib.rs \
     && cargo build --release --locked \

@@ -97,7 +97,11 @@ first_line() {
 build_binaries() {
     if [[ ${BENCH_SKIP_BUILD:-0} != 1 ]]; then
         log "building release binaries"
-        (cd "$ROOT" && cargo build --release --quiet --bin dockerflow-sidecar --example bench_upstream)
+        # Two invocations: one with an example also resolves the
+        # dev-dependencies' features (tokio's "full" and "test-util") into the
+        # sidecar, which would then not be the binary users build.
+        (cd "$ROOT" && cargo build --release --quiet --bin dockerflow-sidecar \
+            && cargo build --release --quiet --example bench_upstream)
     fi
     [[ -x $SIDECAR ]] || die "$SIDECAR is missing"
     [[ -x $UPSTREAM_BIN ]] || die "$UPSTREAM_BIN is missing"

@@ -72,7 +72,12 @@ pub fn reset_sending(conn: &Connection, now: i64) -> rusqlite::Result<usize> {
 }
 
 /// Claims up to `limit` due rows: marks them `sending` and returns them.
-pub fn claim_due(conn: &mut Connection, now: i64, limit: usize) -> rusqlite::Result<Vec<Row>> {
+/// With none due, also says when the next waiting row is (Unix ms).
+pub fn claim_due(
+    conn: &mut Connection,
+    now: i64,
+    limit: usize,
+) -> rusqlite::Result<(Vec<Row>, Option<i64>)> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let rows: Vec<Row> = {
         let sql = format!("SELECT {COLUMNS} FROM hook_outbox WHERE status = 'waiting' AND next_attempt <= ?1 ORDER BY next_attempt LIMIT ?2");
@@ -88,8 +93,16 @@ pub fn claim_due(conn: &mut Connection, now: i64, limit: usize) -> rusqlite::Res
             stmt.execute(params![r.id, now])?;
         }
     }
+    let next = match rows.is_empty() {
+        true => tx.query_row(
+            "SELECT MIN(next_attempt) FROM hook_outbox WHERE status = 'waiting'",
+            [],
+            |r| r.get(0),
+        )?,
+        false => None,
+    };
     tx.commit()?;
-    Ok(rows)
+    Ok((rows, next))
 }
 
 /// What an attempt left a row as.

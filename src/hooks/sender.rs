@@ -4,7 +4,7 @@
 //! redirects, retrying on the schedule with jitter, honouring Retry-After,
 //! and giving up at once on 410.
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -26,12 +26,15 @@ use crate::error_chain;
 use crate::events::{Bus, Event};
 use crate::reports::store::{millis, unix_ms};
 
+type HookClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
 /// Events rendered into rows per transaction, at most.
 const BATCH: usize = 512;
 /// How much of a receiver's answer is read (then the connection is reused).
 const MAX_ANSWER: usize = 64 * 1024;
-/// The sender looks for due rows at least this often.
-const POLL: Duration = Duration::from_millis(500);
+/// With nothing due, the sender sleeps until the next retry is due, until an
+/// event is queued, or this long at most (rows another process made due).
+const IDLE: Duration = Duration::from_secs(60);
 /// Retention runs this often.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
@@ -95,7 +98,10 @@ pub struct Hooks {
     delivery: DeliveryConfig,
     db: Arc<Mutex<Connection>>,
     wake: Notify,
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    /// Built on first use when no hook is configured at start-up: loading
+    /// the platform's roots costs ~18 M instructions (several ms) of
+    /// start-up and ~0.3 MB, for deliveries that may never happen.
+    client: OnceLock<HookClient>,
     /// The event kinds the hooks take, declared on the bus once started.
     interest: Mutex<Option<crate::events::Interest>>,
     metrics: Arc<crate::metrics::Metrics>,
@@ -107,23 +113,37 @@ impl Hooks {
     /// Opens the outbox and prepares the configured hooks.
     pub fn new(config: &Config, metrics: Arc<crate::metrics::Metrics>) -> Result<Hooks, String> {
         let conn = outbox::open(&config.state.path)?;
-        let tls = crate::tls::client_config(config.delivery.ca_file.as_deref())
+        let hooks = Hooks {
+            targets: RwLock::new(Arc::new(targets(config)?)),
+            delivery: config.delivery.clone(),
+            db: Arc::new(Mutex::new(conn)),
+            wake: Notify::new(),
+            client: OnceLock::new(),
+            interest: Mutex::new(None),
+            metrics,
+            stats_at: Mutex::new(None),
+        };
+        // A bad CA file is a configuration error, reported at start-up.
+        if !config.hooks.is_empty() || config.delivery.ca_file.is_some() {
+            hooks.client()?;
+        }
+        Ok(hooks)
+    }
+
+    /// The delivery client, built on first use.
+    fn client(&self) -> Result<&HookClient, String> {
+        if let Some(client) = self.client.get() {
+            return Ok(client);
+        }
+        let tls = crate::tls::client_config(self.delivery.ca_file.as_deref())
             .map_err(|e| format!("delivery.ca_file: {e}"))?;
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
             .build();
-        Ok(Hooks {
-            targets: RwLock::new(Arc::new(targets(config)?)),
-            delivery: config.delivery.clone(),
-            db: Arc::new(Mutex::new(conn)),
-            wake: Notify::new(),
-            client: Client::builder(TokioExecutor::new()).build(connector),
-            interest: Mutex::new(None),
-            metrics,
-            stats_at: Mutex::new(None),
-        })
+        let client = Client::builder(TokioExecutor::new()).build(connector);
+        Ok(self.client.get_or_init(|| client))
     }
 
     /// Applies the hooks of a reloaded configuration; rows already in the
@@ -200,12 +220,16 @@ impl Hooks {
             }
             let now = unix_ms(SystemTime::now());
             let count = outcomes.len();
-            if let Err(e) = self
+            match self
                 .blocking(move |conn| outbox::record_all(conn, &outcomes, now))
                 .await
             {
+                // A retry was scheduled, maybe sooner than the sender's sleep.
+                Ok(_) => self.wake.notify_one(),
                 // The rows stay `sending` and go out again at the next start.
-                tracing::error!(error = %e, rows = count as u64, "cannot record hook deliveries");
+                Err(e) => {
+                    tracing::error!(error = %e, rows = count as u64, "cannot record hook deliveries")
+                }
             }
         }
     }
@@ -298,20 +322,30 @@ impl Hooks {
             }
             let limit = (self.delivery.concurrency.max(1) * 16).max(64);
             let now = unix_ms(SystemTime::now());
-            let rows = match self
+            let (rows, next) = match self
                 .blocking(move |conn| outbox::claim_due(conn, now, limit))
                 .await
             {
-                Ok(rows) => rows,
+                Ok(claimed) => claimed,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot read the hook outbox");
-                    Vec::new()
+                    (Vec::new(), Some(now + 1000))
                 }
             };
             if rows.is_empty() {
+                // An idle sidecar does not wake to ask SQLite: it sleeps
+                // until the next retry, a new row, or the next prune.
+                let pause = next
+                    .map(|at| Duration::from_millis(at.saturating_sub(now).max(1) as u64))
+                    .unwrap_or(IDLE)
+                    .min(IDLE)
+                    .min(
+                        PRUNE_EVERY
+                            .saturating_sub(last_prune.map_or(PRUNE_EVERY, |at| at.elapsed())),
+                    );
                 tokio::select! {
                     _ = self.wake.notified() => {}
-                    _ = tokio::time::sleep(POLL) => {}
+                    _ = tokio::time::sleep(pause) => {}
                 }
                 continue;
             }
@@ -422,7 +456,7 @@ impl Hooks {
         }
         let exchange = async {
             let resp = self
-                .client
+                .client()?
                 .request(req)
                 .await
                 .map_err(|e| error_chain(&e))?;
