@@ -56,7 +56,11 @@ done
 read -r pid first_200_ms <"$OUT/startup.txt"
 PIDS+=("$pid")
 
-size=$(stat -c %s "$SIDECAR")
+# The release build keeps its symbol table (Cargo.toml); the goal is for the
+# stripped binary, as an image would ship it.
+strip -o "$OUT/stripped" "$SIDECAR"
+size=$(stat -c %s "$OUT/stripped")
+built_size=$(stat -c %s "$SIDECAR")
 # Idle: after one request of each kind has warmed the paths.
 curl -sf "http://127.0.0.1:$port/" >/dev/null
 curl -sf "http://127.0.0.1:$port/__heartbeat__" >/dev/null || true
@@ -90,7 +94,8 @@ meets() { awk -v v="$1" -v l="$2" 'BEGIN { print (v + 0 <= l + 0) ? "yes" : "no"
 size_mb=$(awk -v s="$size" 'BEGIN { printf "%.1f", s / 1e6 }')
 idle_mb=$(awk -v k="$idle" 'BEGIN { printf "%.1f", k * 1024 / 1e6 }')
 conns_mb=$(awk -v k="$conns" 'BEGIN { printf "%.1f", k * 1024 / 1e6 }')
-goal_row "release binary (stripped)" "$size_mb MB" "<= 15 MB" "$(meets "$size_mb" 15)"
+built_mb=$(awk -v s="$built_size" 'BEGIN { printf "%.1f", s / 1e6 }')
+goal_row "release binary (stripped)" "$size_mb MB ($built_mb MB with symbols)" "<= 15 MB" "$(meets "$size_mb" 15)"
 goal_row "start-up to first 200 on /__lbheartbeat__" "${first_200_ms} ms" "<= 50 ms" "$(meets "$first_200_ms" 50)"
 goal_row "RSS idle (fresh, one request of each kind)" "$idle_mb MB" "<= 10 MB" "$(meets "$idle_mb" 10)"
 goal_row "RSS with 1,000 idle keep-alive connections" "$conns_mb MB" "<= 50 MB" "$(meets "$conns_mb" 50)"

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -72,7 +72,10 @@ enum Msg {
 
 /// The intake's handle on the writer.
 pub struct ReportStore {
-    tx: SyncSender<Msg>,
+    /// Unbounded as a channel (its blocks are allocated as reports come: a
+    /// `sync_channel(10_000)` wrote all its slots up front, 260 KB of every
+    /// idle sidecar); `Shared::queued` bounds it.
+    tx: Sender<Msg>,
     shared: Arc<Shared>,
     /// Unix seconds of the last "dropped" warning (one per `WARN_EVERY`).
     warned: AtomicU64,
@@ -86,6 +89,9 @@ struct Shared {
     metrics: Arc<crate::metrics::Metrics>,
     /// Body bytes queued and not yet written.
     queued_bytes: AtomicUsize,
+    /// Reports queued and not yet written, and how many may be.
+    queued: AtomicUsize,
+    capacity: usize,
     /// Unix seconds of the last "cannot store" error (one per `WARN_EVERY`),
     /// and the reports lost since it was logged.
     failure_logged: AtomicU64,
@@ -117,7 +123,7 @@ impl ReportStore {
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<ReportStore, String> {
         let conn = crate::store::open(path)?;
-        let (tx, rx) = mpsc::sync_channel(queue.max(1));
+        let (tx, rx) = mpsc::channel();
         let window = millis(dedup_window);
         let retention = millis(retention);
         let shared = Arc::new(Shared {
@@ -126,6 +132,8 @@ impl ReportStore {
             lost_since_logged: AtomicU64::new(0),
             metrics,
             queued_bytes: AtomicUsize::new(0),
+            queued: AtomicUsize::new(0),
+            capacity: queue.max(1),
         });
         let writer = shared.clone();
         std::thread::Builder::new()
@@ -143,20 +151,20 @@ impl ReportStore {
     /// count or by bytes.
     pub fn submit(&self, report: StoredReport) -> bool {
         let bytes = report.body.len();
-        let queued = self.shared.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
-        let kind = if queued + bytes <= QUEUE_BYTES {
-            match self.tx.try_send(Msg::Report(Box::new(report))) {
+        let queued_bytes = self.shared.queued_bytes.fetch_add(bytes, Ordering::Relaxed);
+        let queued = self.shared.queued.fetch_add(1, Ordering::Relaxed);
+        let kind = if queued_bytes + bytes <= QUEUE_BYTES && queued < self.shared.capacity {
+            match self.tx.send(Msg::Report(Box::new(report))) {
                 Ok(()) => return true,
-                Err(mpsc::TrySendError::Full(msg) | mpsc::TrySendError::Disconnected(msg)) => {
-                    match msg {
-                        Msg::Report(report) => report.kind,
-                        Msg::Flush(_) => String::new(),
-                    }
-                }
+                Err(mpsc::SendError(msg)) => match msg {
+                    Msg::Report(report) => report.kind,
+                    Msg::Flush(_) => String::new(),
+                },
             }
         } else {
             report.kind
         };
+        self.shared.queued.fetch_sub(1, Ordering::Relaxed);
         self.shared.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
         self.shared.metrics.report(&kind, ReportOutcome::Dropped);
         let dropped = self.shared.dropped.fetch_add(1, Ordering::Relaxed) + 1;
@@ -186,17 +194,8 @@ impl ReportStore {
     pub fn flush(&self, timeout: Duration) -> bool {
         let (ack_tx, ack_rx) = mpsc::sync_channel(1);
         let deadline = Instant::now() + timeout;
-        let mut msg = Msg::Flush(ack_tx);
-        // The queue may be full: retry until the deadline rather than block.
-        loop {
-            match self.tx.try_send(msg) {
-                Ok(()) => break,
-                Err(TrySendError::Full(back)) if Instant::now() < deadline => {
-                    msg = back;
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                Err(_) => return false,
-            }
+        if self.tx.send(Msg::Flush(ack_tx)).is_err() {
+            return false;
         }
         ack_rx
             .recv_timeout(deadline.saturating_duration_since(Instant::now()))
@@ -297,6 +296,7 @@ fn write_batch(conn: &mut Connection, batch: Vec<Msg>, shared: &Shared, window: 
         }
     }
     shared.queued_bytes.fetch_sub(bytes, Ordering::Relaxed);
+    shared.queued.fetch_sub(reports.len(), Ordering::Relaxed);
     for ack in acks {
         let _ = ack.send(());
     }
@@ -427,4 +427,63 @@ pub fn list(
 pub fn show(conn: &Connection, id: &str) -> rusqlite::Result<Option<StoredReport>> {
     let sql = format!("SELECT {COLUMNS} FROM reports WHERE id = ?1");
     conn.query_row(&sql, params![id], row).optional()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(n: i64) -> StoredReport {
+        StoredReport {
+            id: format!("r{n}"),
+            kind: "csp-violation".into(),
+            url: None,
+            body: "{}".into(),
+            created: n,
+            incident: n,
+            last_seen: n,
+            count: 1,
+            directive: None,
+            blocked_url: None,
+            disposition: None,
+            source_file: None,
+            line: None,
+            column: None,
+            status_code: None,
+            user_agent: None,
+            dedup_key: n,
+        }
+    }
+
+    /// The channel is unbounded; the count of reports not yet written is
+    /// what bounds the queue. With the state file locked by someone else,
+    /// nothing is written: exactly `queue` reports are taken, the next is
+    /// dropped, and what was taken is stored once the lock goes.
+    #[test]
+    fn the_queue_takes_what_it_is_sized_for_and_drops_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let store = ReportStore::start(
+            &path,
+            Duration::ZERO,
+            Duration::from_secs(86_400),
+            2,
+            Arc::new(crate::metrics::Metrics::new()),
+        )
+        .unwrap();
+        let locker = crate::store::open(&path).unwrap();
+        locker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        assert!(store.submit(report(1)));
+        assert!(store.submit(report(2)));
+        assert!(!store.submit(report(3)), "a third report fit a queue of 2");
+        assert_eq!(store.dropped(), 1);
+        locker.execute_batch("ROLLBACK").unwrap();
+        assert!(store.flush(Duration::from_secs(30)));
+        let rows: i64 = locker
+            .query_row("SELECT COUNT(*) FROM reports", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 2);
+        // Written reports leave the queue: there is room again.
+        assert!(store.submit(report(4)));
+    }
 }
