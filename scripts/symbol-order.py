@@ -18,6 +18,7 @@ graceful stop. Every function that ran is listed, by instructions spent in
 it, descending. Functions not listed keep LTO's order after them.
 
   python3 scripts/symbol-order.py          # needs valgrind; about 3 minutes
+  python3 scripts/symbol-order.py --check  # names the built binary lacks
 
 Run it again after a dependency or toolchain upgrade: a name that no longer
 exists is skipped by the linker (a stale file costs locality, not
@@ -28,6 +29,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -103,25 +105,43 @@ def self_costs(path):
     return cost
 
 
+def defined_names(binary):
+    out = subprocess.run(["nm", "--defined-only", "--format=posix", binary],
+                         capture_output=True, text=True, check=True).stdout
+    return {line.split(" ")[0] for line in out.split("\n") if line}
+
+
+def check():
+    """How much of the order file the release binary in target/ still has."""
+    names = [n.strip() for n in open(OUT) if n.strip()]
+    defined = defined_names(os.path.join(TARGET, "release", "dockerflow-sidecar"))
+    missing = [n for n in names if n not in defined]
+    print(f"{OUT}: {len(names) - len(missing)} of {len(names)} functions are in the "
+          f"release binary; {len(missing)} are not (regenerate when that grows)")
+    for name in missing[:20]:
+        print("  missing:", name)
+
+
 def main():
+    if sys.argv[1:] == ["--check"]:
+        return check()
     # Separately: an example in the same invocation would bring the
     # dev-dependencies' features into the sidecar, and other names with them.
     for target in (["--bin", "dockerflow-sidecar"], ["--example", "bench_upstream"]):
         subprocess.run(["cargo", "build", "--release", "--locked", *target], cwd=ROOT, check=True)
     sidecar = os.path.join(TARGET, "release", "dockerflow-sidecar")
     upstream_bin = os.path.join(TARGET, "release", "examples", "bench_upstream")
-    defined = set(subprocess.run(
-        ["nm", "--defined-only", "--format=posix", sidecar],
-        capture_output=True, text=True, check=True).stdout.split("\n"))
-    defined = {line.split(" ")[0] for line in defined if line}
+    defined = defined_names(sidecar)
 
     work = tempfile.mkdtemp(prefix="symbol-order-")
     up_port, port = free_port(), free_port()
     upstream = subprocess.Popen([upstream_bin, f"127.0.0.1:{up_port}"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     profile = os.path.join(work, "callgrind.out")
+    # Only these settings: a DOCKERFLOW_CONFIG of the caller's would change
+    # what runs.
     sidecar_env = dict(
-        os.environ,
+        {k: v for k, v in os.environ.items() if not k.startswith("DOCKERFLOW_")},
         DOCKERFLOW_LISTEN=f"127.0.0.1:{port}",
         DOCKERFLOW_ADMIN__LISTEN=f"127.0.0.1:{free_port()}",
         DOCKERFLOW_STATE__PATH=os.path.join(work, "state.db"),
@@ -157,11 +177,14 @@ def main():
         c.close()
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=300)
-        upstream.terminate()
-        upstream.wait()
+        try:
+            proc.wait(timeout=300)
+        finally:
+            upstream.terminate()
+            upstream.wait()
 
     cost = self_costs(profile)
+    shutil.rmtree(work, ignore_errors=True)
     names = [n for n, _ in cost.most_common() if n in defined]
     os.makedirs(os.path.dirname(OUT), exist_ok=True)
     with open(OUT, "w") as f:

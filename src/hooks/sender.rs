@@ -334,7 +334,9 @@ impl Hooks {
             };
             if rows.is_empty() {
                 // An idle sidecar does not wake to ask SQLite: it sleeps
-                // until the next retry, a new row, or the next prune.
+                // until the next retry, a new row, or the next prune. (The
+                // claim may have waited for the file's lock: now again.)
+                let now = unix_ms(SystemTime::now());
                 let pause = next
                     .map(|at| Duration::from_millis(at.saturating_sub(now).max(1) as u64))
                     .unwrap_or(IDLE)
