@@ -28,6 +28,12 @@ thread_local! {
 /// The mozlog envelope version.
 const ENV_VERSION: &str = "2.0";
 
+/// Appends `s` as a JSON string (quoted, escaped as serde_json does).
+pub(crate) fn json_str(buf: &mut Vec<u8>, s: &str) {
+    // Writing a str into a Vec cannot fail.
+    let _ = serde_json::to_writer(buf, s);
+}
+
 /// Syslog severities used by mozlog.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -55,18 +61,20 @@ impl Severity {
 
 /// Writes mozlog lines: the per-process constants and the sink.
 pub struct Logger {
-    /// The `Logger` field.
-    name: String,
-    /// The `Hostname` field.
-    hostname: String,
     /// The `Pid` field.
     pid: u32,
     /// JSON or text.
     format: LogFormat,
     /// Where finished lines go.
     sink: Sink,
+    /// `,"Logger":…,"Hostname":…,"EnvVersion":"2.0"`, the same on every line.
+    constants: Vec<u8>,
 }
 
+/// What serde would write for the envelope; render writes the same bytes by
+/// hand (a test holds them equal), without escaping its constant keys and
+/// values on every line: serde_json scans each key byte by byte.
+#[cfg(test)]
 #[derive(Serialize)]
 #[allow(non_snake_case)]
 struct Envelope<'a, F: Serialize> {
@@ -83,12 +91,18 @@ struct Envelope<'a, F: Serialize> {
 impl Logger {
     /// A logger writing to `sink`.
     pub fn new(name: String, format: LogFormat, sink: Sink) -> Logger {
+        let hostname = gethostname::gethostname().to_string_lossy().into_owned();
+        let mut constants = b",\"Logger\":".to_vec();
+        json_str(&mut constants, &name);
+        constants.extend_from_slice(b",\"Hostname\":");
+        json_str(&mut constants, &hostname);
+        constants.extend_from_slice(b",\"EnvVersion\":");
+        json_str(&mut constants, ENV_VERSION);
         Logger {
-            name,
-            hostname: gethostname::gethostname().to_string_lossy().into_owned(),
             pid: std::process::id(),
             format,
             sink,
+            constants,
         }
     }
 
@@ -99,6 +113,30 @@ impl Logger {
         kind: &str,
         severity: Severity,
         fields: &F,
+        text: impl FnOnce(&mut String),
+    ) {
+        self.emit_json(
+            kind,
+            severity,
+            |buf| {
+                // Fields that cannot be JSON (never expected): an empty object.
+                let start = buf.len();
+                if serde_json::to_writer(&mut *buf, fields).is_err() {
+                    buf.truncate(start);
+                    buf.extend_from_slice(b"{}");
+                }
+            },
+            text,
+        );
+    }
+
+    /// [`Logger::emit`] with the fields written by `fields`: a JSON object
+    /// appended to the buffer (the request.summary line writes its own).
+    pub(crate) fn emit_json(
+        &self,
+        kind: &str,
+        severity: Severity,
+        fields: impl FnOnce(&mut Vec<u8>),
         text: impl FnOnce(&mut String),
     ) {
         let now = SystemTime::now();
@@ -117,34 +155,33 @@ impl Logger {
         });
     }
 
-    fn render<F: Serialize>(
+    fn render(
         &self,
         buf: &mut Vec<u8>,
         kind: &str,
         severity: Severity,
-        fields: &F,
+        fields: impl FnOnce(&mut Vec<u8>),
         text: impl FnOnce(&mut String),
         now: SystemTime,
     ) {
         match self.format {
             LogFormat::Mozlog => {
-                let envelope = Envelope {
-                    Timestamp: now
-                        .duration_since(UNIX_EPOCH)
-                        .map_or(0, |d| d.as_nanos() as u64),
-                    Type: kind,
-                    Logger: &self.name,
-                    Hostname: &self.hostname,
-                    EnvVersion: ENV_VERSION,
-                    Severity: severity as u8,
-                    Pid: self.pid,
-                    Fields: fields,
-                };
-                if serde_json::to_writer(&mut *buf, &envelope).is_err() {
-                    buf.clear();
-                    return;
-                }
-                buf.push(b'\n');
+                let mut number = itoa::Buffer::new();
+                let timestamp = now
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64);
+                buf.extend_from_slice(b"{\"Timestamp\":");
+                buf.extend_from_slice(number.format(timestamp).as_bytes());
+                buf.extend_from_slice(b",\"Type\":");
+                json_str(buf, kind);
+                buf.extend_from_slice(&self.constants);
+                buf.extend_from_slice(b",\"Severity\":");
+                buf.extend_from_slice(number.format(severity as u8).as_bytes());
+                buf.extend_from_slice(b",\"Pid\":");
+                buf.extend_from_slice(number.format(self.pid).as_bytes());
+                buf.extend_from_slice(b",\"Fields\":");
+                fields(buf);
+                buf.extend_from_slice(b"}\n");
             }
             LogFormat::Text => {
                 let mut s = format!(
@@ -167,5 +204,50 @@ impl Logger {
     /// Waits until every line written so far is on stdout.
     pub fn flush(&self) {
         self.sink.flush(Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hand-written envelope is byte for byte what serde_json writes
+    /// for the same line, escapes included.
+    #[test]
+    fn the_envelope_is_what_serde_would_write() {
+        let name = "side\"car\u{1}é".to_string();
+        let sink = Sink::new(Box::new(std::io::sink())).unwrap();
+        let logger = Logger::new(name.clone(), LogFormat::Mozlog, sink);
+        let fields = serde_json::json!({"a": "b\n", "n": 1});
+        let now = UNIX_EPOCH + Duration::from_nanos(1_795_302_360_024_662_880);
+        let mut buf = Vec::new();
+        logger.render(
+            &mut buf,
+            "request.summary",
+            Severity::Warning,
+            |b| json_str_value(b, &fields),
+            |_| {},
+            now,
+        );
+        let mut expected = serde_json::to_vec(&Envelope {
+            Timestamp: 1_795_302_360_024_662_880,
+            Type: "request.summary",
+            Logger: &name,
+            Hostname: &gethostname::gethostname().to_string_lossy(),
+            EnvVersion: ENV_VERSION,
+            Severity: 4,
+            Pid: std::process::id(),
+            Fields: &fields,
+        })
+        .unwrap();
+        expected.push(b'\n');
+        assert_eq!(
+            String::from_utf8(buf).unwrap(),
+            String::from_utf8(expected).unwrap()
+        );
+    }
+
+    fn json_str_value(buf: &mut Vec<u8>, value: &serde_json::Value) {
+        serde_json::to_writer(buf, value).unwrap();
     }
 }

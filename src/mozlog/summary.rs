@@ -9,9 +9,10 @@ use std::borrow::Cow;
 
 use http::header::HeaderValue;
 use http::{HeaderMap, Method};
+#[cfg(test)]
 use serde::Serialize;
 
-use super::{Logger, Severity};
+use super::{json_str, Logger, Severity};
 use crate::metrics::{Metrics, RouteClass};
 
 /// The facts of one request, logged once when dropped.
@@ -41,20 +42,54 @@ pub struct RequestSummary {
 /// The status logged for a request abandoned before its response (nginx's).
 const CLIENT_CLOSED: u16 = 499;
 
-#[derive(Serialize)]
+/// The line's `Fields`, written by [`Fields::write_json`] (a test holds it
+/// equal to what serde_json writes for the derived impl).
+#[cfg_attr(test, derive(Serialize))]
 struct Fields<'a> {
     errno: u16,
     agent: &'a str,
     lang: &'a str,
     method: &'a str,
     path: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(test, serde(skip_serializing_if = "Option::is_none"))]
     querystring: Option<&'a str>,
     rid: &'a str,
     t: u64,
     code: u16,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(test, serde(skip_serializing_if = "Option::is_none"))]
     msg: Option<&'a str>,
+}
+
+impl Fields<'_> {
+    /// The object, keys in declaration order, as serde_json writes it but
+    /// without escaping the constant keys byte by byte on every request.
+    fn write_json(&self, buf: &mut Vec<u8>) {
+        let mut number = itoa::Buffer::new();
+        buf.extend_from_slice(b"{\"errno\":");
+        buf.extend_from_slice(number.format(self.errno).as_bytes());
+        for (key, value) in [
+            (&b",\"agent\":"[..], Some(self.agent)),
+            (b",\"lang\":", Some(self.lang)),
+            (b",\"method\":", Some(self.method)),
+            (b",\"path\":", Some(self.path)),
+            (b",\"querystring\":", self.querystring),
+            (b",\"rid\":", Some(self.rid)),
+        ] {
+            if let Some(value) = value {
+                buf.extend_from_slice(key);
+                json_str(buf, value);
+            }
+        }
+        buf.extend_from_slice(b",\"t\":");
+        buf.extend_from_slice(number.format(self.t).as_bytes());
+        buf.extend_from_slice(b",\"code\":");
+        buf.extend_from_slice(number.format(self.code).as_bytes());
+        if let Some(msg) = self.msg {
+            buf.extend_from_slice(b",\"msg\":");
+            json_str(buf, msg);
+        }
+        buf.push(b'}');
+    }
 }
 
 impl RequestSummary {
@@ -157,11 +192,16 @@ impl RequestSummary {
     }
 }
 
-/// A header value as text for the line (lossy for non-UTF-8 bytes).
+/// A header value as text for the line (lossy for non-UTF-8 bytes; visible
+/// ASCII, the usual case, is checked by the cheaper `to_str`).
 fn text(value: &Option<HeaderValue>) -> Cow<'_, str> {
-    value
-        .as_ref()
-        .map_or(Cow::Borrowed(""), |v| String::from_utf8_lossy(v.as_bytes()))
+    match value {
+        None => Cow::Borrowed(""),
+        Some(v) => match v.to_str() {
+            Ok(s) => Cow::Borrowed(s),
+            Err(_) => String::from_utf8_lossy(v.as_bytes()),
+        },
+    }
 }
 
 impl Drop for RequestSummary {
@@ -198,16 +238,52 @@ impl Drop for RequestSummary {
             code: self.code,
             msg: self.failure.as_deref().or(self.note),
         };
-        self.logger.emit("request.summary", severity, &fields, |s| {
-            let method = self.method.as_ref().map_or("-", Method::as_str);
-            let _ = write!(s, " {} {method} {}", self.code, self.path);
-            if let Some(q) = &self.querystring {
-                let _ = write!(s, "?{q}");
-            }
-            let _ = write!(s, " {t}ms rid={rid}");
-            if let Some(msg) = self.failure.as_deref().or(self.note) {
-                let _ = write!(s, " msg={msg:?}");
-            }
-        });
+        let fields = |buf: &mut Vec<u8>| fields.write_json(buf);
+        self.logger
+            .emit_json("request.summary", severity, fields, |s| {
+                let method = self.method.as_ref().map_or("-", Method::as_str);
+                let _ = write!(s, " {} {method} {}", self.code, self.path);
+                if let Some(q) = &self.querystring {
+                    let _ = write!(s, "?{q}");
+                }
+                let _ = write!(s, " {t}ms rid={rid}");
+                if let Some(msg) = self.failure.as_deref().or(self.note) {
+                    let _ = write!(s, " msg={msg:?}");
+                }
+            });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The hand-written fields are byte for byte serde_json's, with and
+    /// without the optional keys, escapes included.
+    #[test]
+    fn the_fields_are_what_serde_would_write() {
+        for (querystring, msg) in [
+            (None, None),
+            (Some("a=1&b=\"2\""), Some("upstream\tfailed\u{7f}é")),
+        ] {
+            let fields = Fields {
+                errno: 502,
+                agent: "Mozilla/5.0 \"quoted\" \\ back\u{1}",
+                lang: "",
+                method: "GET",
+                path: "/x/ü?",
+                querystring,
+                rid: "0f0e",
+                t: u64::MAX,
+                code: 502,
+                msg,
+            };
+            let mut buf = Vec::new();
+            fields.write_json(&mut buf);
+            assert_eq!(
+                String::from_utf8(buf).unwrap(),
+                serde_json::to_string(&fields).unwrap()
+            );
+        }
     }
 }
