@@ -85,3 +85,23 @@ fn a_template_that_would_run_for_hours_is_refused_at_once() {
     // Bounded by the fuel, not by the loops: seconds at the very most.
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
 }
+
+// template_renderer: `format` with a 28-digit width asked for 2.9 EB and the
+// failed allocation aborted the process (check-config, start-up, the sender).
+#[test]
+fn a_format_width_that_would_exhaust_memory_is_refused() {
+    let toml = "[[hooks]]\nname = \"h\"\nevents = [\"heartbeat.failed\"]\nurl = \"http://x/\"\ncontent_type = \"text/plain\"\ntemplate = '{{ \"%s at %0000000000291084181163285253s\"|format(event.type, event.time) }}'\n";
+    let err = match Config::load_toml(Path::new("fuzz.toml"), toml) {
+        Ok(_) => panic!("accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("hooks[0].template") && err.contains("more than 4 digits"),
+        "{err}"
+    );
+    // A width that fits still renders.
+    let fine = "[[hooks]]\nname = \"h\"\nevents = [\"heartbeat.failed\"]\nurl = \"http://x/\"\ncontent_type = \"text/plain\"\ntemplate = '{{ \"%-20s|%05d|%%12345\"|format(event.type, 42) }}'\n";
+    if let Err(e) = Config::load_toml(Path::new("fuzz.toml"), fine) {
+        panic!("refused: {e}");
+    }
+}

@@ -5,7 +5,8 @@
 //! without their quotes, so `"{{ event.type }}"` works, and objects and
 //! lists as JSON, so `{{ event.data }}` does too.
 
-use minijinja::{Environment, Value};
+use minijinja::value::Rest;
+use minijinja::{Environment, Error, ErrorKind, State, Value};
 
 use crate::config::HookConfig;
 use crate::events::{Event, EventData};
@@ -14,6 +15,54 @@ use crate::events::{Event, EventData};
 /// template needs, and a few milliseconds of work; past it the render fails
 /// (and `check-config` says so) instead of hanging.
 const FUEL: u64 = 1_000_000;
+
+/// The widest field `format` may pad to (digits of a width or precision).
+const FORMAT_DIGITS: usize = 4;
+
+/// minijinja's `format` filter, refusing a width or precision of more than
+/// four digits: `"%0000000000291084181163285253s"|format(x)` asked for
+/// exabytes, and a failed allocation aborts the process (found by the
+/// template_renderer fuzz target).
+fn bounded_format(state: &State, format: &Value, args: Rest<Value>) -> Result<Value, Error> {
+    if format.as_str().is_some_and(too_wide) {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            "format: a width or precision of more than 4 digits",
+        ));
+    }
+    minijinja::filters::format(state, format, args)
+}
+
+/// True when a printf conversion in `spec` has a digit run (width or
+/// precision, leading zeros included) longer than [`FORMAT_DIGITS`].
+fn too_wide(spec: &str) -> bool {
+    let bytes = spec.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'%' {
+            i += 1;
+            continue;
+        }
+        if bytes.get(i + 1) == Some(&b'%') {
+            i += 2;
+            continue;
+        }
+        let mut run = 0;
+        i += 1;
+        while let Some(&b) = bytes.get(i) {
+            match b {
+                b'0'..=b'9' => run += 1,
+                b'#' | b'-' | b' ' | b'+' | b'.' => run = 0,
+                _ => break,
+            }
+            if run > FORMAT_DIGITS {
+                return true;
+            }
+            i += 1;
+        }
+    }
+    false
+}
 
 /// How one hook's bodies are made.
 pub struct Template {
@@ -30,6 +79,7 @@ impl Template {
         let json = is_json(&hook.content_type);
         let mut env = Environment::new();
         env.set_fuel(Some(FUEL));
+        env.add_filter("format", bounded_format);
         if json {
             env.set_formatter(|out, _state, value| {
                 let text = json_text(value);
