@@ -33,6 +33,33 @@ fn bounded_format(state: &State, format: &Value, args: Rest<Value>) -> Result<Va
     minijinja::filters::format(state, format, args)
 }
 
+/// minijinja's `indent` filter, refusing a width over 9,999:
+/// `indent(100000000000000)` allocated the whole indentation first, and the
+/// failed allocation aborted the process.
+fn bounded_indent(state: &State, value: &Value, args: Rest<Value>) -> Result<Value, Error> {
+    let too_wide = |v: &Value| v.as_usize().is_some_and(|n| n > 9_999);
+    // Positional width, or `width=` among the keyword arguments (a map).
+    let kwargs = args
+        .iter()
+        .filter_map(|a| a.try_iter().ok().map(|keys| (a, keys)));
+    let keyword_too_wide = kwargs
+        .flat_map(|(map, keys)| {
+            keys.filter_map(|k| map.get_item(&k).ok())
+                .collect::<Vec<_>>()
+        })
+        .any(|v| too_wide(&v));
+    if args.iter().any(too_wide) || keyword_too_wide {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            "indent: a width over 9999",
+        ));
+    }
+    let all: Vec<Value> = std::iter::once(value.clone())
+        .chain(args.iter().cloned())
+        .collect();
+    Value::from_function(minijinja::filters::indent).call(state, &all)
+}
+
 /// True when a printf conversion in `spec` has a digit run (width or
 /// precision, leading zeros included) longer than [`FORMAT_DIGITS`].
 fn too_wide(spec: &str) -> bool {
@@ -80,6 +107,7 @@ impl Template {
         let mut env = Environment::new();
         env.set_fuel(Some(FUEL));
         env.add_filter("format", bounded_format);
+        env.add_filter("indent", bounded_indent);
         if json {
             env.set_formatter(|out, _state, value| {
                 let text = json_text(value);
@@ -290,5 +318,40 @@ mod tests {
                 .unwrap(),
             "status=ok"
         );
+    }
+
+    /// `format` and `indent` still work within bounds, and refuse a width
+    /// that would exhaust memory instead of aborting the process.
+    #[test]
+    fn format_and_indent_are_bounded() {
+        let render = |template: &str| {
+            Template::new(&hook(template, "text/plain"), "svc")
+                .unwrap()
+                .render(&sample("heartbeat.passed").unwrap())
+        };
+        assert_eq!(
+            render(r#"{{ "%-4s|%05d|%%12345"|format("ab", 42) }}"#).unwrap(),
+            "ab  |00042|%12345"
+        );
+        assert_eq!(
+            render(r#"{{ "a\nb"|indent(2, true) }}"#).unwrap(),
+            "  a\n  b"
+        );
+        assert_eq!(
+            render(r#"{{ "a\nb"|indent(width=3, first=true) }}"#).unwrap(),
+            "   a\n   b"
+        );
+        for wide in [
+            r#"{{ "%0000000000291084181163285253s"|format("x") }}"#,
+            r#"{{ "%.100000f"|format(1.5) }}"#,
+            r#"{{ "x"|indent(100000000000000) }}"#,
+            r#"{{ "x"|indent(width=100000000000000) }}"#,
+        ] {
+            let err = render(wide).unwrap_err();
+            assert!(
+                err.contains("format: a width") || err.contains("indent: a width"),
+                "{wide}: {err}"
+            );
+        }
     }
 }
