@@ -7,11 +7,16 @@ use dockerflow_sidecar::config::Config;
 
 /// `Config::load_toml` on `toml`, which must be refused with an error that
 /// names `key` and says the file is too large.
-fn refused_as_too_large(toml: &str, key: &str) {
-    let err = match Config::load_toml(Path::new("fuzz.toml"), toml) {
+/// The error loading `toml` gives (a panic when it loads).
+fn load_error(toml: &str) -> String {
+    match Config::load_toml(Path::new("fuzz.toml"), toml) {
         Ok(_) => panic!("accepted:\n{toml}"),
         Err(e) => e.to_string(),
-    };
+    }
+}
+
+fn refused_as_too_large(toml: &str, key: &str) {
+    let err = load_error(toml);
     assert!(
         err.contains(key) && err.contains("larger than 1 MiB"),
         "{toml}\n→ {err}"
@@ -74,10 +79,7 @@ fn a_small_token_file_still_loads() {
 fn a_template_that_would_run_for_hours_is_refused_at_once() {
     let toml = "[[hooks]]\nname = \"h\"\nevents = [\"heartbeat.failed\"]\nurl = \"http://x/\"\ncontent_type = \"text/plain\"\ntemplate = \"{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}\"\n";
     let started = std::time::Instant::now();
-    let err = match Config::load_toml(Path::new("fuzz.toml"), toml) {
-        Ok(_) => panic!("accepted"),
-        Err(e) => e.to_string(),
-    };
+    let err = load_error(toml);
     assert!(
         err.contains("hooks[0].template") && err.contains("ran out of fuel"),
         "{err}"
@@ -91,10 +93,7 @@ fn a_template_that_would_run_for_hours_is_refused_at_once() {
 #[test]
 fn a_format_width_that_would_exhaust_memory_is_refused() {
     let toml = "[[hooks]]\nname = \"h\"\nevents = [\"heartbeat.failed\"]\nurl = \"http://x/\"\ncontent_type = \"text/plain\"\ntemplate = '{{ \"%s at %0000000000291084181163285253s\"|format(event.type, event.time) }}'\n";
-    let err = match Config::load_toml(Path::new("fuzz.toml"), toml) {
-        Ok(_) => panic!("accepted"),
-        Err(e) => e.to_string(),
-    };
+    let err = load_error(toml);
     assert!(
         err.contains("hooks[0].template") && err.contains("more than 4 digits"),
         "{err}"

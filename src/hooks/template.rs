@@ -38,17 +38,11 @@ fn bounded_format(state: &State, format: &Value, args: Rest<Value>) -> Result<Va
 /// failed allocation aborted the process.
 fn bounded_indent(state: &State, value: &Value, args: Rest<Value>) -> Result<Value, Error> {
     let too_wide = |v: &Value| v.as_usize().is_some_and(|n| n > 9_999);
-    // Positional width, or `width=` among the keyword arguments (a map).
-    let kwargs = args
+    // A positional width, or `width=` in the keyword arguments (a map).
+    let mut widths = args
         .iter()
-        .filter_map(|a| a.try_iter().ok().map(|keys| (a, keys)));
-    let keyword_too_wide = kwargs
-        .flat_map(|(map, keys)| {
-            keys.filter_map(|k| map.get_item(&k).ok())
-                .collect::<Vec<_>>()
-        })
-        .any(|v| too_wide(&v));
-    if args.iter().any(too_wide) || keyword_too_wide {
+        .flat_map(|a| [a.clone(), a.get_attr("width").unwrap_or_default()]);
+    if widths.any(|v| too_wide(&v)) {
         return Err(Error::new(
             ErrorKind::InvalidOperation,
             "indent: a width over 9999",
