@@ -15,13 +15,61 @@ use crate::error_reports::Capture;
 use crate::h1::UpstreamBody;
 use crate::mozlog::RequestSummary;
 
+/// A request body as a client sent it: read by the sidecar's own HTTP/1.1
+/// server, or by hyper's HTTP/2 server.
+pub enum ClientBody {
+    H1(crate::server_h1::H1Body),
+    Hyper(Incoming),
+}
+
+impl ClientBody {
+    /// A body read from an HTTP/1.1 connection.
+    pub fn h1(body: crate::server_h1::H1Body) -> ClientBody {
+        ClientBody::H1(body)
+    }
+
+    /// A body hyper reads (HTTP/2).
+    pub fn hyper(body: Incoming) -> ClientBody {
+        ClientBody::Hyper(body)
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            ClientBody::H1(body) => Pin::new(body).poll_frame(cx),
+            ClientBody::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(|e| e.into()),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::H1(body) => body.is_end_stream(),
+            ClientBody::Hyper(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::H1(body) => body.size_hint(),
+            ClientBody::Hyper(body) => body.size_hint(),
+        }
+    }
+}
+
 /// A request body on its way to the app that says when it has been sent in
 /// full (the response-header timeout only starts then, so a slow upload is
 /// not mistaken for a slow app), and that fails when the client pauses
 /// longer than the stall limit between two reads (a slow-body attack holds
 /// no connection to the app for longer than that).
 pub struct RequestBody {
-    inner: Incoming,
+    inner: ClientBody,
     /// Counts the bytes received.
     received: prometheus::IntCounter,
     /// Fired (or dropped) when the body ends; `None` once done.
@@ -57,7 +105,7 @@ impl RequestBody {
     /// the returned receiver resolves when it has been sent (or abandoned);
     /// there is none for a body that is already empty.
     pub fn new(
-        inner: Incoming,
+        inner: ClientBody,
         received: prometheus::IntCounter,
         stall: Duration,
     ) -> (RequestBody, Option<tokio::sync::oneshot::Receiver<()>>) {
@@ -125,7 +173,7 @@ impl Body for RequestBody {
             }
             Poll::Ready(Some(Err(e))) => {
                 this.done();
-                Poll::Ready(Some(Err(e.into())))
+                Poll::Ready(Some(Err(e)))
             }
             Poll::Ready(None) => {
                 this.done();

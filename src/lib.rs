@@ -21,6 +21,7 @@ pub mod reports;
 pub mod router;
 pub mod scrub;
 pub mod server;
+pub mod server_h1;
 pub mod server_tls;
 pub mod shutdown;
 pub mod store;

@@ -5,10 +5,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::body::ClientBody;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
-use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio_util::task::TaskTracker;
 
@@ -97,7 +97,7 @@ impl Proxy {
     /// the tunnel ends.
     pub async fn forward(
         &self,
-        req: Request<Incoming>,
+        req: Request<ClientBody>,
         peer: SocketAddr,
         https: bool,
         rid: HeaderValue,
@@ -123,14 +123,14 @@ impl Proxy {
 
     async fn forward_inner(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<ClientBody>,
         peer: SocketAddr,
         https: bool,
         rid: HeaderValue,
         mut summary: RequestSummary,
     ) -> Response<ResponseBody> {
         let upgrade = upgrade_protocol(req.headers());
-        let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+        let client_upgrade = upgrade.as_ref().map(|_| ClientUpgrade::of(&mut req));
         let target_authority = req.uri().authority().cloned();
 
         *req.uri_mut() = origin_form(req.uri());
@@ -268,12 +268,15 @@ impl Proxy {
         req: Request<RequestBody>,
         body_sent: Option<tokio::sync::oneshot::Receiver<()>>,
     ) -> Result<Result<Response<UpstreamBody>, SendError>, tokio::time::error::Elapsed> {
+        // Pinned once, and only borrowed below: a second copy of it inside
+        // a `Timeout` would double this future's size, and every level of
+        // the await chain copies it whole.
         let response = self.pool.send(req);
+        tokio::pin!(response);
         let Some(body_sent) = body_sent else {
             // No body to send: the clock starts now.
             return tokio::time::timeout(self.response_header_timeout, response).await;
         };
-        tokio::pin!(response);
         tokio::select! {
             biased;
             result = &mut response => Ok(result),
@@ -313,10 +316,47 @@ impl Proxy {
     }
 }
 
+/// The client's side of an upgrade: from the sidecar's HTTP/1.1 server, or
+/// from hyper's.
+enum ClientUpgrade {
+    Own(tokio::sync::oneshot::Receiver<crate::server_h1::Upgraded>),
+    Hyper(hyper::upgrade::OnUpgrade),
+}
+
+impl ClientUpgrade {
+    fn of(req: &mut Request<ClientBody>) -> ClientUpgrade {
+        let own = req
+            .extensions_mut()
+            .remove::<crate::server_h1::OnUpgrade>()
+            .and_then(|upgrade| upgrade.take());
+        match own {
+            Some(own) => ClientUpgrade::Own(own),
+            None => ClientUpgrade::Hyper(hyper::upgrade::on(req)),
+        }
+    }
+
+    /// The client's connection once switched, and the bytes it sent past
+    /// its request head.
+    async fn connection(self) -> Result<crate::server_h1::Upgraded, String> {
+        match self {
+            ClientUpgrade::Own(own) => own
+                .await
+                .map_err(|_| "the client connection was not handed over".to_owned()),
+            ClientUpgrade::Hyper(on) => match on.await {
+                Ok(upgraded) => Ok(crate::server_h1::Upgraded {
+                    io: Box::new(TokioIo::new(upgraded)),
+                    early: bytes::Bytes::new(),
+                }),
+                Err(e) => Err(e.to_string()),
+            },
+        }
+    }
+}
+
 /// Copies bytes both ways between the client and the app once both sides
 /// have switched protocols; the summary line is written when it ends.
 async fn tunnel(
-    client: hyper::upgrade::OnUpgrade,
+    client: ClientUpgrade,
     upstream: Option<Conn>,
     summary: RequestSummary,
     open: crate::server::GaugeGuard,
@@ -327,18 +367,25 @@ async fn tunnel(
     let Some(upstream) = upstream else {
         return;
     };
-    // What the app sent right after its 101 goes to the client first.
+    // What the app sent right after its 101 goes to the client first, and
+    // what the client sent right after its request to the app.
     let (mut upstream, early) = upstream.into_parts();
-    match client.await {
+    match client.connection().await {
         Ok(client) => {
-            let mut client = TokioIo::new(client);
+            let mut client_io = client.io;
             if !early.is_empty() {
-                if let Err(e) = client.write_all(&early).await {
+                if let Err(e) = client_io.write_all(&early).await {
                     tracing::debug!(error = %e, "tunnel closed with an error");
                     return;
                 }
             }
-            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+            if !client.early.is_empty() {
+                if let Err(e) = upstream.write_all(&client.early).await {
+                    tracing::debug!(error = %e, "tunnel closed with an error");
+                    return;
+                }
+            }
+            if let Err(e) = tokio::io::copy_bidirectional(&mut client_io, &mut upstream).await {
                 tracing::debug!(error = %e, "tunnel closed with an error");
             }
         }
@@ -364,6 +411,11 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 /// value (RFC 9110 §7.6.1). `TE: trailers` is kept: it tells the app the
 /// client accepts trailers, which the sidecar passes through.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none of them: one look at each name present is
+    // cheaper than hashing all six for removals that find nothing.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     let named: Vec<HeaderName> = connection_tokens(headers)
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
@@ -437,6 +489,10 @@ fn forwarded_proto(headers: &mut HeaderMap, https: bool) {
 fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
     use std::fmt::Write as _;
     let name = HeaderName::from_static("x-forwarded-for");
+    if !headers.contains_key(&name) {
+        headers.insert(name, peer_ip_value(peer.ip()));
+        return;
+    }
     // One allocation, handed to the header value as is.
     let mut joined = String::with_capacity(48);
     for value in headers.get_all(&name) {
@@ -449,6 +505,30 @@ fn append_forwarded_for(headers: &mut HeaderMap, peer: SocketAddr) {
     if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(joined)) {
         headers.insert(name, value);
     }
+}
+
+/// The peer's address as a header value. Formatting an address costs
+/// about a thousand instructions (a tenth of the proxy's own work per
+/// request), and the peers of a sidecar are few (a load balancer, the
+/// kubelet): the last one is kept per thread.
+fn peer_ip_value(ip: std::net::IpAddr) -> HeaderValue {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(std::net::IpAddr, HeaderValue)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    let ip = ip.to_canonical();
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some((cached, value)) if *cached == ip => value.clone(),
+            _ => {
+                let value = HeaderValue::from_maybe_shared(bytes::Bytes::from(ip.to_string()))
+                    .expect("an IP address is a valid header value");
+                *last = Some((ip, value.clone()));
+                value
+            }
+        }
+    })
 }
 
 #[cfg(test)]
@@ -501,6 +581,27 @@ mod tests {
             h.get("x-forwarded-for").unwrap(),
             "1.1.1.1, 2.2.2.2, 3.3.3.3, 10.0.0.9"
         );
+    }
+
+    #[test]
+    fn forwarded_for_is_each_peers_own_address() {
+        // The per-thread cache of the last address must never answer for
+        // another peer.
+        for peer in [
+            "10.0.0.1:1",
+            "10.0.0.2:2",
+            "10.0.0.2:3",
+            "[::1]:4",
+            "[::ffff:10.0.0.1]:5",
+        ] {
+            let mut h = HeaderMap::new();
+            let peer: SocketAddr = peer.parse().unwrap();
+            append_forwarded_for(&mut h, peer);
+            assert_eq!(
+                h.get("x-forwarded-for").unwrap(),
+                peer.ip().to_canonical().to_string().as_str()
+            );
+        }
     }
 
     #[test]

@@ -6,9 +6,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::body::ClientBody;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
-use hyper::body::Incoming;
 
 use crate::body::ResponseBody;
 use crate::dockerflow;
@@ -49,7 +49,7 @@ pub fn classify(path: &str) -> Route {
 
 /// The request id: the incoming header's value, or a fresh uuid4 when it is
 /// absent or empty.
-fn request_id(app: &App, req: &Request<Incoming>) -> HeaderValue {
+fn request_id(app: &App, req: &Request<ClientBody>) -> HeaderValue {
     match req.headers().get(&app.rid_header) {
         Some(value) if !value.is_empty() => value.clone(),
         _ => {
@@ -69,7 +69,7 @@ pub async fn handle(
     app: Arc<App>,
     peer: SocketAddr,
     https: bool,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let http1 = req.version() < Version::HTTP_2;
     let mut resp = answer(&app, peer, https, req).await;
@@ -84,7 +84,7 @@ async fn answer(
     app: &Arc<App>,
     peer: SocketAddr,
     https: bool,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> Response<ResponseBody> {
     let start = Instant::now();
     let rid = request_id(app, &req);
@@ -159,7 +159,7 @@ async fn answer(
 /// Why a request hyper accepted must still be refused: what RFC 9112 says
 /// a server must reject, so that no request reaches the app that another
 /// parser could read differently.
-fn refusal(req: &Request<Incoming>) -> Option<&'static str> {
+fn refusal(req: &Request<ClientBody>) -> Option<&'static str> {
     let headers = req.headers();
     if req.version() == Version::HTTP_11 {
         // §3.2: exactly one Host.

@@ -45,6 +45,11 @@ impl Shutdown {
         self.stop.cancel();
     }
 
+    /// True once `stop` has been called.
+    pub fn is_stopping(&self) -> bool {
+        self.stop.is_cancelled()
+    }
+
     /// Resolves when `stop` has been called.
     pub async fn stopped(&self) {
         self.stop.cancelled().await;

@@ -9,12 +9,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use crate::body::ClientBody;
 use bytes::Bytes;
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 
 use super::schema::{self, Report, SchemaError};
 use super::store::{unix_ms, ReportStore, StoredReport};
@@ -121,7 +121,7 @@ impl Intake {
     }
 
     /// Answers one request to a report path.
-    pub async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Outcome {
+    pub async fn handle(&self, req: Request<ClientBody>, peer: SocketAddr) -> Outcome {
         let outcome = self.intake(req, peer).await;
         let status = outcome.response.status();
         if status.is_client_error() {
@@ -138,7 +138,7 @@ impl Intake {
         outcome
     }
 
-    async fn intake(&self, req: Request<Incoming>, peer: SocketAddr) -> Outcome {
+    async fn intake(&self, req: Request<ClientBody>, peer: SocketAddr) -> Outcome {
         if req.method() == Method::OPTIONS {
             return self.answer(self.preflight());
         }
@@ -400,7 +400,7 @@ impl Intake {
 
 /// The client's address: the peer, or the last `X-Forwarded-For` entry (the
 /// one the load balancer in front of the sidecar added) when configured.
-fn client_ip(req: &Request<Incoming>, peer: SocketAddr, from_forwarded_for: bool) -> IpAddr {
+fn client_ip(req: &Request<ClientBody>, peer: SocketAddr, from_forwarded_for: bool) -> IpAddr {
     if from_forwarded_for {
         let last = req
             .headers()
