@@ -920,7 +920,9 @@ pub(crate) fn chunk_size(line: &[u8]) -> Option<u64> {
         .iter()
         .find(|b| !matches!(b, b' ' | b'\t'))
         .is_none_or(|&b| b == b';');
-    if !rest_ok {
+    // No control character in the extensions (a bare CR among them is read
+    // as a line end by some parsers).
+    if !rest_ok || line.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f) {
         return None;
     }
     let text = std::str::from_utf8(&line[..digits]).ok()?;
@@ -1014,6 +1016,8 @@ mod tests {
         assert_eq!(chunk_size(b"0x10\r"), None);
         assert_eq!(chunk_size(b"1 2\r"), None);
         assert_eq!(chunk_size(b"a \r"), Some(10), "trailing whitespace");
+        assert_eq!(chunk_size(b"5;a\rb\r"), None, "bare CR in an extension");
+        assert_eq!(chunk_size(b"5;a\0\r"), None, "NUL in an extension");
         assert_eq!(chunk_size(b"ffffffffffffffff\r"), None, "too long to trust");
     }
 

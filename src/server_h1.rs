@@ -54,6 +54,8 @@ use crate::App;
 const MAX_HEAD: usize = 400 * 1024;
 /// Most header fields in a request head (hyper's default); more gets 431.
 const MAX_HEADERS: usize = 100;
+/// Longest request target (what `http::Uri` takes); longer gets 414.
+const MAX_TARGET: usize = 65_534;
 /// Longest chunk-size line, and the most a trailer section may take.
 const MAX_CHUNK_LINE: usize = 4 * 1024;
 const MAX_TRAILERS: usize = 16 * 1024;
@@ -263,6 +265,13 @@ impl<I: Io> Conn<I> {
                 Decode::Trailers => {
                     let mut fields = [httparse::EMPTY_HEADER; 64];
                     let (len, trailers) = match httparse::parse_headers(&self.buf, &mut fields) {
+                        Ok(httparse::Status::Complete((len, _)))
+                            if !crlf_only(&self.buf[..len]) =>
+                        {
+                            return Poll::Ready(Some(Err(
+                                self.fail("bare LF in the trailer section")
+                            )));
+                        }
                         Ok(httparse::Status::Complete((len, parsed))) => {
                             let mut trailers = HeaderMap::new();
                             for field in parsed.iter() {
@@ -302,6 +311,15 @@ impl<I: Io> Conn<I> {
     }
 }
 
+/// Whether every line ending is CRLF (httparse also takes a bare LF, which
+/// another parser in front of the sidecar might read differently).
+fn crlf_only(bytes: &[u8]) -> bool {
+    bytes
+        .iter()
+        .enumerate()
+        .all(|(i, &b)| b != b'\n' || (i > 0 && bytes[i - 1] == b'\r'))
+}
+
 /// What the request body needs of the connection, without its stream type.
 trait BodySource: Send {
     fn poll_body(
@@ -319,8 +337,9 @@ impl<I: Io> BodySource for Conn<I> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if seq != self.seq {
-            // A body kept past its request never reads the next one.
-            return Poll::Ready(None);
+            // A body kept past its request never reads the next one, and
+            // never passes for complete.
+            return Poll::Ready(Some(Err(Box::new(BadBody("the request is over".into())))));
         }
         Conn::poll_body(self, cx)
     }
@@ -429,9 +448,7 @@ pub async fn serve<I: Io>(
         if timer.as_mut().poll(cx).is_ready() {
             return Poll::Ready(None);
         }
-        if stopped.as_mut().poll(cx).is_ready()
-            && tokio::time::Instant::now() >= accepted + FIRST_REQUEST_GRACE
-        {
+        if stopped.as_mut().poll(cx).is_ready() && close_on_stop(timer.as_mut(), accepted, cx) {
             return Poll::Ready(None);
         }
         Poll::Pending
@@ -487,19 +504,11 @@ pub async fn serve<I: Io>(
             if timer.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Ok(None));
             }
-            if idle && stopped.as_mut().poll(cx).is_ready() {
-                // A connection accepted just before the stop gets a moment
-                // for the request its client has already sent.
-                let grace = accepted + FIRST_REQUEST_GRACE;
-                if tokio::time::Instant::now() >= grace {
-                    return Poll::Ready(Ok(None));
-                }
-                if timer.deadline() > grace {
-                    timer.as_mut().reset(grace);
-                    if timer.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(Ok(None));
-                    }
-                }
+            if idle
+                && stopped.as_mut().poll(cx).is_ready()
+                && close_on_stop(timer.as_mut(), accepted, cx)
+            {
+                return Poll::Ready(Ok(None));
             }
             Poll::Pending
         })
@@ -615,6 +624,25 @@ fn http_date() -> [u8; 29] {
 /// already sent.
 const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
 
+/// Once stopped, whether an idle connection closes now. One accepted just
+/// before the stop gets the rest of `FIRST_REQUEST_GRACE` for the request its
+/// client has already sent: its head timer is brought forward to then (and
+/// polled, so that the task wakes when it runs out).
+fn close_on_stop(
+    mut timer: Pin<&mut tokio::time::Sleep>,
+    accepted: tokio::time::Instant,
+    cx: &mut Context<'_>,
+) -> bool {
+    let grace = accepted + FIRST_REQUEST_GRACE;
+    if tokio::time::Instant::now() >= grace {
+        return true;
+    }
+    if timer.deadline() > grace {
+        timer.as_mut().reset(grace);
+    }
+    timer.poll(cx).is_ready()
+}
+
 /// While a request is being answered: `Ready(None)` when the client has
 /// closed its connection. Reads only once the request body is all in (the
 /// bytes read are the next request's, kept for later).
@@ -682,6 +710,12 @@ fn parse_head<I: Io>(
     let method = Method::from_bytes(parsed.method.unwrap_or("").as_bytes())
         .map_err(|_| Refused(400, "invalid method".into()))?;
     let path = parsed.path.unwrap_or("");
+    if path.len() > MAX_TARGET {
+        return Err(Refused(
+            414,
+            format!("request target longer than {MAX_TARGET} bytes"),
+        ));
+    }
     let target = (at(path.as_bytes()), path.len());
     let version = if parsed.version == Some(0) {
         Version::HTTP_10
@@ -892,18 +926,23 @@ async fn write_response<I: Io>(
         // response if it is short and on its way; otherwise the response
         // says the connection closes (a client must not reuse a connection
         // that closes under it).
-        let c = lock(conn);
-        let drainable = match c.decode {
-            Decode::Done | Decode::Length(0) => true,
-            Decode::Length(n) => c.expect.is_none() && n <= DRAIN_LIMIT,
-            _ => false,
-        };
+        let mut c = lock(conn);
+        // Past this point a `100 Continue` would land inside the response.
+        let unasked = c.expect.take().is_some();
+        let drainable = !unasked
+            && match c.decode {
+                Decode::Done | Decode::Length(0) => true,
+                Decode::Length(n) => n <= DRAIN_LIMIT,
+                _ => false,
+            };
         if !drainable {
             keep_alive = false;
         }
     }
     let head = &mut out.head;
-    head.extend_from_slice(if parts.version == Version::HTTP_10 {
+    // The client's version: a 1.0 client gets a 1.0 response, whatever the
+    // app spoke (the framing below is chosen for the client too).
+    head.extend_from_slice(if exchange.version == Version::HTTP_10 {
         b"HTTP/1.0 "
     } else {
         b"HTTP/1.1 "
@@ -948,7 +987,9 @@ async fn write_response<I: Io>(
     let bodyless = no_body_status || status == StatusCode::NOT_MODIFIED || exchange.method_head;
     let mut framing = match length {
         Some(n) => Framing::Length(n),
-        None if no_body_status || status == StatusCode::NOT_MODIFIED => Framing::Empty,
+        // No length is made up for a response without a body: a HEAD or a
+        // 304 carries the app's, or none (RFC 9110 §8.6).
+        None if bodyless => Framing::Empty,
         None => match body.size_hint().exact() {
             Some(n) => {
                 head.extend_from_slice(b"content-length: ");
@@ -986,6 +1027,10 @@ async fn write_response<I: Io>(
     }
     head.extend_from_slice(b"\r\n");
     let _ = app;
+
+    let declared: Vec<HeaderName> = crate::h1::tokens(&parts.headers, &header::TRAILER)
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .collect();
 
     // The body, frame by frame; what is at hand is written together.
     let mut left = match framing {
@@ -1035,7 +1080,12 @@ async fn write_response<I: Io>(
                             (framing, exchange.te_trailers, frame.into_trailers())
                         {
                             let mut text = b"0\r\n".to_vec();
-                            for (name, value) in &trailers {
+                            // As hyper: only fields the response declared in
+                            // `Trailer`, and none that only a head may carry.
+                            let sent = trailers.iter().filter(|(name, _)| {
+                                declared.contains(name) && trailer_allowed(name)
+                            });
+                            for (name, value) in sent {
                                 text.extend_from_slice(name.as_str().as_bytes());
                                 text.extend_from_slice(b": ");
                                 text.extend_from_slice(value.as_bytes());
@@ -1090,6 +1140,26 @@ async fn write_response<I: Io>(
         return Err(io::Error::other(why));
     }
     Ok(keep_alive && framing != Framing::UntilClose)
+}
+
+/// Whether a field may travel in a trailer section (hyper's list: fields that
+/// frame, route, authenticate or describe the message belong in its head).
+fn trailer_allowed(name: &HeaderName) -> bool {
+    !matches!(
+        *name,
+        header::AUTHORIZATION
+            | header::CACHE_CONTROL
+            | header::CONTENT_ENCODING
+            | header::CONTENT_LENGTH
+            | header::CONTENT_RANGE
+            | header::CONTENT_TYPE
+            | header::HOST
+            | header::MAX_FORWARDS
+            | header::SET_COOKIE
+            | header::TRAILER
+            | header::TRANSFER_ENCODING
+            | header::TE
+    )
 }
 
 /// `{size:x}\r\n` for a chunk of `len` bytes.

@@ -134,3 +134,31 @@ async fn a_request_on_a_connection_opened_just_before_the_stop_is_served() {
     assert_eq!(sidecar.wait_exit(), Some(0));
     assert_eq!(sidecar.summary_for("late-1")["Fields"]["code"], 200);
 }
+
+/// A connection accepted just before the stop that sends nothing gets the
+/// rest of its first second, not the whole grace period: the process exits
+/// soon after, with nothing in flight.
+#[tokio::test]
+async fn a_silent_connection_opened_just_before_the_stop_does_not_hold_the_exit() {
+    let app = Upstream::start();
+    let mut sidecar = SidecarBuilder::new(&app.url())
+        .shutdown("0s", "30s")
+        .start();
+    let _stream = std::net::TcpStream::connect(sidecar.addr).unwrap();
+    let metrics = sidecar.admin_url("/metrics");
+    let end = std::time::Instant::now() + common::DEADLINE;
+    while !String::from_utf8_lossy(&get(&metrics, &[]).await.body)
+        .contains("dockerflow_sidecar_open_connections 1")
+    {
+        assert!(std::time::Instant::now() < end, "never accepted");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let stopped = std::time::Instant::now();
+    sidecar.signal(libc::SIGTERM);
+    assert_eq!(sidecar.wait_exit(), Some(0));
+    let took = stopped.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(10),
+        "exit took {took:?} with a 30 s grace period"
+    );
+}

@@ -43,6 +43,9 @@ fn script(path: &str) -> Option<&'static [u8]> {
         "/no-content" => b"HTTP/1.1 204 No Content\r\n\r\n",
         "/hint-then-close" => b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n",
         "/early" => b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo long",
+        "/http10-until-close" => b"HTTP/1.0 200 OK\r\n\r\nan old app",
+        "/head-chunked" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "/trailers-mixed" => b"HTTP/1.1 200 OK\r\nTrailer: x-ok, set-cookie\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nx-ok: 1\r\nx-undeclared: 2\r\nset-cookie: s=3\r\ncontent-length: 99\r\n\r\n",
         _ => return None,
     })
 }
@@ -176,7 +179,13 @@ async fn serve(mut stream: TcpStream, conn: usize, log: Arc<Mutex<Vec<String>>>)
         }
         if matches!(
             path.as_str(),
-            "/until-close" | "/close" | "/http10" | "/short" | "/early" | "/hint-then-close"
+            "/until-close"
+                | "/close"
+                | "/http10"
+                | "/short"
+                | "/early"
+                | "/hint-then-close"
+                | "/http10-until-close"
         ) {
             let _ = stream.shutdown().await;
             // Keep the socket until the peer is done, so the early answer
@@ -281,6 +290,62 @@ async fn response_trailers_are_passed_to_a_client_that_accepts_them() {
     assert!(lower.starts_with("http/1.1 200"), "{raw}");
     assert!(lower.contains("transfer-encoding: chunked"), "{raw}");
     assert!(lower.contains("\r\n0\r\nx-sum: 42\r\n\r\n"), "{raw}");
+}
+
+/// Only trailers the response declared in `Trailer` are passed on, and none
+/// that belongs in a head (as hyper's server did).
+#[tokio::test]
+async fn only_declared_trailers_that_may_be_trailers_are_passed_on() {
+    let app = WireApp::start();
+    let sidecar = sidecar(&app);
+    let raw = common::raw(
+        sidecar.addr,
+        b"GET /trailers-mixed HTTP/1.1\r\nHost: h\r\nTE: trailers\r\nConnection: close\r\n\r\n",
+    );
+    let lower = raw.to_ascii_lowercase();
+    assert!(
+        lower.contains("\r\n2\r\nok\r\n0\r\nx-ok: 1\r\n\r\n"),
+        "{raw}"
+    );
+    for dropped in ["x-undeclared", "s=3", "99"] {
+        assert!(!lower.contains(dropped), "{dropped} passed on: {raw}");
+    }
+}
+
+/// An HTTP/1.0 client gets an HTTP/1.0 response, delimited by the close
+/// when its length is not known (chunked means nothing to it), whatever
+/// version the app spoke; a HEAD response gets no length made up.
+#[tokio::test]
+async fn http10_clients_get_close_delimited_bodies_and_head_gets_no_made_up_length() {
+    let app = WireApp::start();
+    let sidecar = sidecar(&app);
+    for path in ["/chunked", "/http10-until-close"] {
+        let raw = common::raw(
+            sidecar.addr,
+            format!("GET {path} HTTP/1.0\r\nHost: h\r\n\r\n").as_bytes(),
+        );
+        let lower = raw.to_ascii_lowercase();
+        assert!(lower.starts_with("http/1.0 200 ok\r\n"), "{path}: {raw}");
+        assert!(!lower.contains("transfer-encoding"), "{path}: {raw}");
+        let body = &raw[raw.find("\r\n\r\n").unwrap() + 4..];
+        let expected = if path == "/chunked" {
+            "hello world"
+        } else {
+            "an old app"
+        };
+        assert_eq!(body, expected, "{path}");
+    }
+    let raw = common::raw(
+        sidecar.addr,
+        b"HEAD /head-chunked HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+    );
+    let lower = raw.to_ascii_lowercase();
+    assert!(lower.starts_with("http/1.1 200 ok\r\n"), "{raw}");
+    assert!(!lower.contains("content-length"), "{raw}");
+    assert!(
+        raw.ends_with("\r\n\r\n"),
+        "a HEAD response has no body: {raw}"
+    );
 }
 
 #[tokio::test]
