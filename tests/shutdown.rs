@@ -110,15 +110,7 @@ async fn a_request_on_a_connection_opened_just_before_the_stop_is_served() {
     let mut sidecar = SidecarBuilder::new(&app.url()).shutdown("0s", "5s").start();
     let mut stream = std::net::TcpStream::connect(sidecar.addr).unwrap();
     stream.set_read_timeout(Some(common::DEADLINE)).unwrap();
-    // Accepted: the gauge of open connections says so.
-    let metrics = sidecar.admin_url("/metrics");
-    let end = std::time::Instant::now() + common::DEADLINE;
-    while !String::from_utf8_lossy(&get(&metrics, &[]).await.body)
-        .contains("dockerflow_sidecar_open_connections 1")
-    {
-        assert!(std::time::Instant::now() < end, "never accepted");
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    wait_until_accepted(&sidecar).await;
 
     sidecar.signal(libc::SIGTERM);
     sidecar
@@ -145,14 +137,7 @@ async fn a_silent_connection_opened_just_before_the_stop_does_not_hold_the_exit(
         .shutdown("0s", "30s")
         .start();
     let _stream = std::net::TcpStream::connect(sidecar.addr).unwrap();
-    let metrics = sidecar.admin_url("/metrics");
-    let end = std::time::Instant::now() + common::DEADLINE;
-    while !String::from_utf8_lossy(&get(&metrics, &[]).await.body)
-        .contains("dockerflow_sidecar_open_connections 1")
-    {
-        assert!(std::time::Instant::now() < end, "never accepted");
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    wait_until_accepted(&sidecar).await;
     let stopped = std::time::Instant::now();
     sidecar.signal(libc::SIGTERM);
     assert_eq!(sidecar.wait_exit(), Some(0));
@@ -161,4 +146,17 @@ async fn a_silent_connection_opened_just_before_the_stop_does_not_hold_the_exit(
         took < std::time::Duration::from_secs(10),
         "exit took {took:?} with a 30 s grace period"
     );
+}
+
+/// Waits until the sidecar has accepted one connection: its gauge of open
+/// connections says so.
+async fn wait_until_accepted(sidecar: &common::Sidecar) {
+    let metrics = sidecar.admin_url("/metrics");
+    let end = std::time::Instant::now() + common::DEADLINE;
+    while !String::from_utf8_lossy(&get(&metrics, &[]).await.body)
+        .contains("dockerflow_sidecar_open_connections 1")
+    {
+        assert!(std::time::Instant::now() < end, "never accepted");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }
