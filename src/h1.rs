@@ -40,8 +40,10 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 128;
 /// Read buffer size.
 const READ_SIZE: usize = 16 * 1024;
-/// Longest chunk-size line (with extensions) or trailer section.
+/// Longest chunk-size line (with extensions).
 const MAX_CHUNK_LINE: usize = 4 * 1024;
+/// Longest trailer section.
+const MAX_TRAILERS: usize = 16 * 1024;
 
 /// An open connection to the app and the bytes read from it but not used.
 pub struct Conn {
@@ -704,16 +706,123 @@ pub struct UpstreamBody {
 #[derive(Clone, Copy, Debug)]
 enum Decode {
     Length(u64),
-    /// Waiting for a chunk-size line.
-    ChunkSize,
-    /// Inside a chunk: bytes left.
-    ChunkData(u64),
-    /// The CRLF after a chunk's data.
-    ChunkEnd,
-    /// The trailer section after the last chunk.
-    Trailers,
+    Chunked(Chunked),
     UntilClose,
     Done,
+}
+
+/// Where the decoding of a chunked body is (RFC 9112 §7.1). One decoder for
+/// both directions: the app's response bodies here, the clients' request
+/// bodies in `server_h1`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Chunked {
+    /// Waiting for a chunk-size line.
+    Size,
+    /// Inside a chunk: bytes left.
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    End,
+    /// The trailer section after the last chunk.
+    Trailers,
+}
+
+/// What one step of chunked decoding found in the buffer.
+pub(crate) enum Step {
+    Data(Bytes),
+    /// The body is over; its trailers (often none).
+    End(HeaderMap),
+    /// More bytes are needed.
+    More,
+    /// Not valid chunked coding.
+    Bad(&'static str),
+}
+
+impl Chunked {
+    /// Decodes from the start of `buf` up to the next frame or the end.
+    pub(crate) fn step(&mut self, buf: &mut BytesMut) -> Step {
+        loop {
+            match *self {
+                Chunked::Size => {
+                    let Some(end) = buf.iter().position(|&b| b == b'\n') else {
+                        if buf.len() > MAX_CHUNK_LINE {
+                            return Step::Bad("chunk size line too long");
+                        }
+                        return Step::More;
+                    };
+                    let Some(size) = chunk_size(&buf[..end]) else {
+                        return Step::Bad("invalid chunk size line");
+                    };
+                    buf.advance(end + 1);
+                    *self = if size == 0 {
+                        Chunked::Trailers
+                    } else {
+                        Chunked::Data(size)
+                    };
+                }
+                Chunked::Data(left) => {
+                    if buf.is_empty() {
+                        return Step::More;
+                    }
+                    let n = (buf.len() as u64).min(left);
+                    let data = buf.split_to(n as usize).freeze();
+                    *self = if n == left {
+                        Chunked::End
+                    } else {
+                        Chunked::Data(left - n)
+                    };
+                    return Step::Data(data);
+                }
+                Chunked::End => {
+                    if buf.len() < 2 {
+                        return Step::More;
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Step::Bad("no CRLF after chunk data");
+                    }
+                    buf.advance(2);
+                    *self = Chunked::Size;
+                }
+                Chunked::Trailers => {
+                    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                    let (len, parsed) = match httparse::parse_headers(buf, &mut fields) {
+                        Ok(httparse::Status::Complete(done)) => done,
+                        Ok(httparse::Status::Partial) if buf.len() <= MAX_TRAILERS => {
+                            return Step::More
+                        }
+                        Ok(httparse::Status::Partial) => {
+                            return Step::Bad("trailer section too long")
+                        }
+                        Err(_) => return Step::Bad("malformed trailer section"),
+                    };
+                    // httparse also takes a bare LF, which another parser
+                    // on the way might read differently.
+                    if !crlf_only(&buf[..len]) {
+                        return Step::Bad("bare LF in the trailer section");
+                    }
+                    let mut trailers = HeaderMap::new();
+                    for field in parsed.iter() {
+                        let (Ok(name), Ok(value)) = (
+                            HeaderName::from_bytes(field.name.as_bytes()),
+                            HeaderValue::from_bytes(field.value),
+                        ) else {
+                            return Step::Bad("invalid trailer field");
+                        };
+                        trailers.append(name, value);
+                    }
+                    buf.advance(len);
+                    return Step::End(trailers);
+                }
+            }
+        }
+    }
+}
+
+/// Whether every line ending is CRLF.
+fn crlf_only(bytes: &[u8]) -> bool {
+    bytes
+        .iter()
+        .enumerate()
+        .all(|(i, &b)| b != b'\n' || (i > 0 && bytes[i - 1] == b'\r'))
 }
 
 impl UpstreamBody {
@@ -724,7 +833,7 @@ impl UpstreamBody {
         let decode = match framing {
             Framing::Empty | Framing::Upgrade => Decode::Done,
             Framing::Length(n) => Decode::Length(n),
-            Framing::Chunked => Decode::ChunkSize,
+            Framing::Chunked => Decode::Chunked(Chunked::Size),
             Framing::UntilClose => Decode::UntilClose,
         };
         let mut body = UpstreamBody {
@@ -781,7 +890,7 @@ impl UpstreamBody {
             match self.decode {
                 Decode::Done => return Poll::Ready(None),
                 Decode::Length(0) => self.finish(),
-                Decode::Length(left) | Decode::ChunkData(left) => {
+                Decode::Length(left) => {
                     if self.conn().buf.is_empty() {
                         if let Err(e) = ready!(self.poll_more(cx)) {
                             return Poll::Ready(Some(Err(e)));
@@ -790,12 +899,10 @@ impl UpstreamBody {
                     let buf = &mut self.conn().buf;
                     let n = (buf.len() as u64).min(left);
                     let data = buf.split_to(n as usize).freeze();
-                    let left = left - n;
-                    match self.decode {
-                        Decode::Length(_) if left == 0 => self.finish(),
-                        Decode::Length(_) => self.decode = Decode::Length(left),
-                        _ if left == 0 => self.decode = Decode::ChunkEnd,
-                        _ => self.decode = Decode::ChunkData(left),
+                    if n == left {
+                        self.finish();
+                    } else {
+                        self.decode = Decode::Length(left - n);
                     }
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
@@ -815,90 +922,25 @@ impl UpstreamBody {
                     let data = self.conn().buf.split().freeze();
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                Decode::ChunkSize => {
-                    let buf = &self.conn().buf;
-                    let Some(end) = buf.iter().position(|&b| b == b'\n') else {
-                        if buf.len() > MAX_CHUNK_LINE {
-                            return Poll::Ready(Some(Err(Error::Malformed(
-                                "chunk size line too long".into(),
-                            ))));
-                        }
-                        if let Err(e) = ready!(self.poll_more(cx)) {
-                            return Poll::Ready(Some(Err(e)));
-                        }
-                        continue;
-                    };
-                    let size = match chunk_size(&buf[..end]) {
-                        Some(size) => size,
-                        None => {
-                            return Poll::Ready(Some(Err(Error::Malformed(
-                                "invalid chunk size line".into(),
-                            ))))
-                        }
-                    };
-                    self.conn().buf.advance(end + 1);
-                    self.decode = if size == 0 {
-                        Decode::Trailers
-                    } else {
-                        Decode::ChunkData(size)
-                    };
-                }
-                Decode::ChunkEnd => {
-                    let buf = &self.conn().buf;
-                    if buf.len() < 2 {
-                        if let Err(e) = ready!(self.poll_more(cx)) {
-                            return Poll::Ready(Some(Err(e)));
-                        }
-                        continue;
-                    }
-                    if &buf[..2] != b"\r\n" {
-                        return Poll::Ready(Some(Err(Error::Malformed(
-                            "no CRLF after chunk data".into(),
-                        ))));
-                    }
-                    self.conn().buf.advance(2);
-                    self.decode = Decode::ChunkSize;
-                }
-                Decode::Trailers => {
-                    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                    let buf = &self.conn().buf;
-                    let (len, trailers) = match httparse::parse_headers(buf, &mut fields) {
-                        Ok(httparse::Status::Complete((len, parsed))) => {
-                            let mut trailers = HeaderMap::new();
-                            for field in parsed.iter() {
-                                let (Ok(name), Ok(value)) = (
-                                    HeaderName::from_bytes(field.name.as_bytes()),
-                                    HeaderValue::from_bytes(field.value),
-                                ) else {
-                                    return Poll::Ready(Some(Err(Error::Malformed(
-                                        "invalid trailer field".into(),
-                                    ))));
-                                };
-                                trailers.append(name, value);
+                Decode::Chunked(mut state) => {
+                    let step = state.step(&mut self.conn().buf);
+                    self.decode = Decode::Chunked(state);
+                    match step {
+                        Step::Data(data) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                        Step::End(trailers) => {
+                            self.finish();
+                            if !trailers.is_empty() {
+                                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
                             }
-                            (len, trailers)
                         }
-                        Ok(httparse::Status::Partial) if buf.len() <= 4 * MAX_CHUNK_LINE => {
+                        Step::More => {
                             if let Err(e) = ready!(self.poll_more(cx)) {
                                 return Poll::Ready(Some(Err(e)));
                             }
-                            continue;
                         }
-                        Ok(httparse::Status::Partial) => {
-                            return Poll::Ready(Some(Err(Error::Malformed(
-                                "trailer section too long".into(),
-                            ))))
+                        Step::Bad(why) => {
+                            return Poll::Ready(Some(Err(Error::Malformed(why.into()))))
                         }
-                        Err(e) => {
-                            return Poll::Ready(Some(Err(Error::Malformed(format!(
-                                "trailers: {e}"
-                            )))))
-                        }
-                    };
-                    self.conn().buf.advance(len);
-                    self.finish();
-                    if !trailers.is_empty() {
-                        return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
                     }
                 }
             }

@@ -47,6 +47,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::body::{ClientBody, ResponseBody};
+use crate::h1::{Chunked, Step};
 use crate::mozlog::RequestSummary;
 use crate::App;
 
@@ -56,9 +57,6 @@ const MAX_HEAD: usize = 400 * 1024;
 const MAX_HEADERS: usize = 100;
 /// Longest request target (what `http::Uri` takes); longer gets 414.
 const MAX_TARGET: usize = 65_534;
-/// Longest chunk-size line, and the most a trailer section may take.
-const MAX_CHUNK_LINE: usize = 4 * 1024;
-const MAX_TRAILERS: usize = 16 * 1024;
 /// The most of an unread request body read and dropped after the response
 /// to keep the connection; a longer one closes it.
 const DRAIN_LIMIT: u64 = 64 * 1024;
@@ -117,10 +115,7 @@ struct Conn<I> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Decode {
     Length(u64),
-    ChunkSize,
-    ChunkData(u64),
-    ChunkEnd,
-    Trailers,
+    Chunked(Chunked),
     Done,
     /// The body was malformed or cut: the connection cannot be reused.
     Failed,
@@ -212,7 +207,7 @@ impl<I: Io> Conn<I> {
                     )))))
                 }
                 Decode::Length(0) => self.decode = Decode::Done,
-                Decode::Length(left) | Decode::ChunkData(left) => {
+                Decode::Length(left) => {
                     if self.buf.is_empty() {
                         if let Err(e) = ready!(self.poll_more(cx)) {
                             return Poll::Ready(Some(Err(e)));
@@ -220,104 +215,35 @@ impl<I: Io> Conn<I> {
                     }
                     let n = (self.buf.len() as u64).min(left);
                     let data = self.buf.split_to(n as usize).freeze();
-                    let left = left - n;
-                    self.decode = match self.decode {
-                        Decode::Length(_) if left == 0 => Decode::Done,
-                        Decode::Length(_) => Decode::Length(left),
-                        _ if left == 0 => Decode::ChunkEnd,
-                        _ => Decode::ChunkData(left),
+                    self.decode = if n == left {
+                        Decode::Done
+                    } else {
+                        Decode::Length(left - n)
                     };
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                Decode::ChunkSize => {
-                    let Some(end) = self.buf.iter().position(|&b| b == b'\n') else {
-                        if self.buf.len() > MAX_CHUNK_LINE {
-                            return Poll::Ready(Some(Err(self.fail("chunk size line too long"))));
-                        }
-                        if let Err(e) = ready!(self.poll_more(cx)) {
-                            return Poll::Ready(Some(Err(e)));
-                        }
-                        continue;
-                    };
-                    let Some(size) = crate::h1::chunk_size(&self.buf[..end]) else {
-                        return Poll::Ready(Some(Err(self.fail("invalid chunk size line"))));
-                    };
-                    self.buf.advance(end + 1);
-                    self.decode = if size == 0 {
-                        Decode::Trailers
-                    } else {
-                        Decode::ChunkData(size)
-                    };
-                }
-                Decode::ChunkEnd => {
-                    if self.buf.len() < 2 {
-                        if let Err(e) = ready!(self.poll_more(cx)) {
-                            return Poll::Ready(Some(Err(e)));
-                        }
-                        continue;
-                    }
-                    if &self.buf[..2] != b"\r\n" {
-                        return Poll::Ready(Some(Err(self.fail("no CRLF after chunk data"))));
-                    }
-                    self.buf.advance(2);
-                    self.decode = Decode::ChunkSize;
-                }
-                Decode::Trailers => {
-                    let mut fields = [httparse::EMPTY_HEADER; 64];
-                    let (len, trailers) = match httparse::parse_headers(&self.buf, &mut fields) {
-                        Ok(httparse::Status::Complete((len, _)))
-                            if !crlf_only(&self.buf[..len]) =>
-                        {
-                            return Poll::Ready(Some(Err(
-                                self.fail("bare LF in the trailer section")
-                            )));
-                        }
-                        Ok(httparse::Status::Complete((len, parsed))) => {
-                            let mut trailers = HeaderMap::new();
-                            for field in parsed.iter() {
-                                let (Ok(name), Ok(value)) = (
-                                    HeaderName::from_bytes(field.name.as_bytes()),
-                                    HeaderValue::from_bytes(field.value),
-                                ) else {
-                                    return Poll::Ready(Some(Err(
-                                        self.fail("invalid trailer field")
-                                    )));
-                                };
-                                trailers.append(name, value);
+                Decode::Chunked(mut state) => {
+                    let step = state.step(&mut self.buf);
+                    self.decode = Decode::Chunked(state);
+                    match step {
+                        Step::Data(data) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                        Step::End(trailers) => {
+                            self.decode = Decode::Done;
+                            if !trailers.is_empty() {
+                                return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
                             }
-                            (len, trailers)
                         }
-                        Ok(httparse::Status::Partial) if self.buf.len() <= MAX_TRAILERS => {
+                        Step::More => {
                             if let Err(e) = ready!(self.poll_more(cx)) {
                                 return Poll::Ready(Some(Err(e)));
                             }
-                            continue;
                         }
-                        Ok(httparse::Status::Partial) => {
-                            return Poll::Ready(Some(Err(self.fail("trailer section too long"))))
-                        }
-                        Err(e) => {
-                            return Poll::Ready(Some(Err(self.fail(&format!("trailers: {e}")))))
-                        }
-                    };
-                    self.buf.advance(len);
-                    self.decode = Decode::Done;
-                    if !trailers.is_empty() {
-                        return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                        Step::Bad(why) => return Poll::Ready(Some(Err(self.fail(why)))),
                     }
                 }
             }
         }
     }
-}
-
-/// Whether every line ending is CRLF (httparse also takes a bare LF, which
-/// another parser in front of the sidecar might read differently).
-fn crlf_only(bytes: &[u8]) -> bool {
-    bytes
-        .iter()
-        .enumerate()
-        .all(|(i, &b)| b != b'\n' || (i > 0 && bytes[i - 1] == b'\r'))
 }
 
 /// What the request body needs of the connection, without its stream type.
@@ -775,7 +701,7 @@ fn parse_head<I: Io>(
             // trusted as a request.
             close_after = true;
         }
-        Decode::ChunkSize
+        Decode::Chunked(Chunked::Size)
     } else if map.contains_key(header::CONTENT_LENGTH) {
         match crate::h1::content_length(&map) {
             Some(0) => Decode::Done,
