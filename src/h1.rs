@@ -51,6 +51,8 @@ pub struct Conn {
     buf: BytesMut,
     /// Bytes arrived since the current exchange began.
     received: bool,
+    /// Scratch space for the fields of response heads.
+    places: FieldPlaces,
 }
 
 impl Conn {
@@ -60,6 +62,7 @@ impl Conn {
             io,
             buf: BytesMut::new(),
             received: false,
+            places: Vec::new(),
         }
     }
 
@@ -75,7 +78,9 @@ impl Conn {
         if self.buf.capacity() - self.buf.len() < 1024 {
             self.buf.reserve(READ_SIZE);
         }
-        let Conn { io, buf, received } = self;
+        let Conn {
+            io, buf, received, ..
+        } = self;
         let filled = ready!(tokio_util::io::poll_read_buf(Pin::new(io), cx, buf));
         *received |= matches!(filled, Ok(n) if n > 0);
         Poll::Ready(filled)
@@ -149,6 +154,8 @@ impl std::error::Error for Error {
 pub struct Outgoing<B> {
     head: Bytes,
     method_head: bool,
+    /// The method may be sent again (RFC 9110 §9.2.2).
+    idempotent: bool,
     chunked: bool,
     body: Option<B>,
 }
@@ -204,17 +211,27 @@ where
         Outgoing {
             head: head.into(),
             method_head: parts.method == Method::HEAD,
+            idempotent: matches!(
+                parts.method,
+                Method::GET
+                    | Method::HEAD
+                    | Method::OPTIONS
+                    | Method::TRACE
+                    | Method::PUT
+                    | Method::DELETE
+            ),
             chunked,
             body: (!empty).then_some(body),
         }
     }
 
-    /// The same request without its body, to send again: only for a
-    /// request that has none.
+    /// The same request, to send again: only for an idempotent request
+    /// without a body.
     pub fn replay(&self) -> Option<Outgoing<B>> {
-        self.body.is_none().then(|| Outgoing {
+        (self.idempotent && self.body.is_none()).then(|| Outgoing {
             head: self.head.clone(),
             method_head: self.method_head,
+            idempotent: true,
             chunked: false,
             body: None,
         })
@@ -405,9 +422,6 @@ fn poll_read_head(
     }
 }
 
-/// Where a header value is: its range in the head, or a copy.
-type ValuePlace = Result<(usize, usize), Bytes>;
-
 /// A final response head parsed from the buffer, skipping interim ones;
 /// `None` when more bytes are needed.
 fn ready_head(conn: &mut Conn, method_head: bool) -> Option<Result<Head, Error>> {
@@ -443,44 +457,24 @@ fn ready_head(conn: &mut Conn, method_head: bool) -> Option<Result<Head, Error>>
         let Ok(status) = StatusCode::from_u16(code) else {
             return Some(Err(Error::Malformed(format!("status {code}"))));
         };
-        let count = parsed.headers.len();
-        // Offsets, so that values can share the head's bytes (a value
-        // httparse did not take from the buffer, if any, is copied).
+        // Offsets, so that the values can share the head's bytes.
         let base = conn.buf.as_ptr() as usize;
-        let fields: Vec<(HeaderName, ValuePlace)> = match parsed
-            .headers
-            .iter()
-            .map(|h| {
-                let name = HeaderName::from_bytes(h.name.as_bytes())
-                    .map_err(|_| Error::Malformed(format!("header name {:?}", h.name)))?;
-                let start = (h.value.as_ptr() as usize).wrapping_sub(base);
-                let place = if start <= len && h.value.len() <= len - start {
-                    Ok((start, start + h.value.len()))
-                } else {
-                    Err(Bytes::copy_from_slice(h.value))
-                };
-                Ok((name, place))
-            })
-            .collect::<Result<_, Error>>()
-        {
-            Ok(fields) => fields,
-            Err(e) => return Some(Err(e)),
-        };
+        let at = |s: &[u8]| (s.as_ptr() as usize).wrapping_sub(base);
+        conn.places.clear();
+        conn.places.extend(parsed.headers.iter().map(|h| {
+            (
+                at(h.name.as_bytes()),
+                h.name.len(),
+                at(h.value),
+                h.value.len(),
+            )
+        }));
         let bytes = conn.buf.split_to(len).freeze();
-        let mut map = HeaderMap::with_capacity(count);
-        for (name, place) in fields {
-            let value = match place {
-                Ok((start, end)) => bytes.slice(start..end),
-                Err(copy) => copy,
-            };
-            match HeaderValue::from_maybe_shared(value) {
-                Ok(value) => {
-                    map.append(name, value);
-                }
-                Err(_) => return Some(Err(Error::Malformed(format!("value of {name}")))),
-            }
-        }
-        return Some(head(status, version, map, method_head));
+        // One spare slot: the proxy adds the request id.
+        return Some(match field_map(&bytes, &conn.places, 1) {
+            Ok((map, noted)) => head(status, version, map, noted, method_head),
+            Err(e) => Err(Error::Malformed(e)),
+        });
     }
 }
 
@@ -489,21 +483,24 @@ fn head(
     status: StatusCode,
     version: Version,
     mut headers: HeaderMap,
+    noted: Noted,
     method_head: bool,
 ) -> Result<Head, Error> {
     let mut keep_alive = version == Version::HTTP_11
-        && !tokens(&headers, &header::CONNECTION).any(|t| t.eq_ignore_ascii_case("close"));
+        && !(noted.connection
+            && tokens(&headers, &header::CONNECTION).any(|t| t.eq_ignore_ascii_case("close")));
     let body = if status == StatusCode::SWITCHING_PROTOCOLS {
         keep_alive = false;
         Framing::Upgrade
     } else if method_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED
     {
         Framing::Empty
-    } else if headers.contains_key(header::TRANSFER_ENCODING) {
+    } else if noted.transfer_encoding {
         let chunked = tokens(&headers, &header::TRANSFER_ENCODING)
             .last()
             .is_some_and(|t| t.eq_ignore_ascii_case("chunked"));
-        if headers.remove(header::CONTENT_LENGTH).is_some() {
+        if noted.has_content_length {
+            headers.remove(header::CONTENT_LENGTH);
             // Both: the length is ignored (§6.3 point 3), and such a
             // connection is not trusted with another request.
             keep_alive = false;
@@ -514,8 +511,8 @@ fn head(
             keep_alive = false;
             Framing::UntilClose
         }
-    } else if headers.contains_key(header::CONTENT_LENGTH) {
-        match content_length(&headers) {
+    } else if noted.has_content_length {
+        match noted.content_length {
             Some(0) => Framing::Empty,
             Some(n) => Framing::Length(n),
             None => return Err(Error::Malformed("invalid Content-Length".into())),
@@ -565,22 +562,116 @@ pub fn tokens<'a>(
 }
 
 /// The one length every `Content-Length` field agrees on, if they do.
-pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
+#[cfg(test)]
+fn content_length(headers: &HeaderMap) -> Option<u64> {
     let mut length = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
-        for part in value.to_str().ok()?.split(',') {
-            let part = part.trim();
-            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-                return None;
-            }
-            let n: u64 = part.parse().ok()?;
-            if length.is_some_and(|l| l != n) {
-                return None;
-            }
-            length = Some(n);
+        if !agree_length(value.as_bytes(), &mut length) {
+            return None;
         }
     }
     length
+}
+
+/// Folds one `Content-Length` value (a comma-separated list of decimal
+/// lengths) into the length agreed so far; `false` when it is malformed or
+/// names another length.
+fn agree_length(value: &[u8], length: &mut Option<u64>) -> bool {
+    for part in value.split(|&b| b == b',') {
+        let part = part.trim_ascii();
+        if part.is_empty() {
+            return false;
+        }
+        let mut n: u64 = 0;
+        for &b in part {
+            if !b.is_ascii_digit() {
+                return false;
+            }
+            match n
+                .checked_mul(10)
+                .and_then(|n| n.checked_add(u64::from(b - b'0')))
+            {
+                Some(next) => n = next,
+                None => return false,
+            }
+        }
+        if length.is_some_and(|l| l != n) {
+            return false;
+        }
+        *length = Some(n);
+    }
+    true
+}
+
+/// Where the fields of a parsed head are, as offsets into it: the name's
+/// start and length, the value's start and length. Kept across messages as
+/// scratch space.
+pub(crate) type FieldPlaces = Vec<(usize, usize, usize, usize)>;
+
+/// The fields a message's framing and hop-by-hop handling depend on, noted
+/// while its fields go into the map: the common message carries none of them
+/// but `Content-Length`, and then needs no look-up afterwards.
+#[derive(Default)]
+pub(crate) struct Noted {
+    pub connection: bool,
+    pub transfer_encoding: bool,
+    pub te: bool,
+    pub upgrade: bool,
+    pub expect: bool,
+    pub has_content_length: bool,
+    /// The one length every `Content-Length` field agrees on; `None` when
+    /// one is malformed or they disagree (or there is none).
+    pub content_length: Option<u64>,
+}
+
+/// The header map of a parsed head, every value sharing `head`'s bytes,
+/// with `spare` more slots (for the fields the proxy adds, so that the map
+/// never grows), and what [`Noted`] tracks. Fails on a name `http` refuses
+/// or a place outside `head`.
+pub(crate) fn field_map(
+    head: &Bytes,
+    places: &[(usize, usize, usize, usize)],
+    spare: usize,
+) -> Result<(HeaderMap, Noted), String> {
+    let mut map = HeaderMap::with_capacity(places.len() + spare);
+    let mut noted = Noted::default();
+    let mut lengths_agree = true;
+    for &(name_at, name_len, value_at, value_len) in places {
+        let (Some(name), Some(value)) = (
+            head.get(name_at..name_at.saturating_add(name_len)),
+            head.get(value_at..value_at.saturating_add(value_len)),
+        ) else {
+            return Err("malformed head".into());
+        };
+        let name = HeaderName::from_bytes(name)
+            .map_err(|_| format!("invalid header name {:?}", String::from_utf8_lossy(name)))?;
+        if name == header::CONTENT_LENGTH {
+            noted.has_content_length = true;
+            lengths_agree &= agree_length(value, &mut noted.content_length);
+        } else if name == header::CONNECTION {
+            noted.connection = true;
+        } else if name == header::TRANSFER_ENCODING {
+            noted.transfer_encoding = true;
+        } else if name == header::TE {
+            noted.te = true;
+        } else if name == header::UPGRADE {
+            noted.upgrade = true;
+        } else if name == header::EXPECT {
+            noted.expect = true;
+        }
+        // SAFETY: httparse accepted these bytes as a field value: HTAB, SP
+        // to `~` and 0x80 to 0xFF (its HEADER_VALUE_MAP), exactly the bytes
+        // `HeaderValue` allows, so the check it would repeat cannot fail
+        // (hyper builds its values the same way; a debug build checks).
+        let value = unsafe {
+            HeaderValue::from_maybe_shared_unchecked(head.slice(value_at..value_at + value_len))
+        };
+        map.append(name, value);
+    }
+    if !lengths_agree {
+        noted.content_length = None;
+    }
+    Ok((map, noted))
 }
 
 /// Bytes waiting to be written to the app, in order.
@@ -1061,6 +1152,56 @@ mod tests {
         assert_eq!(chunk_size(b"5;a\rb\r"), None, "bare CR in an extension");
         assert_eq!(chunk_size(b"5;a\0\r"), None, "NUL in an extension");
         assert_eq!(chunk_size(b"ffffffffffffffff\r"), None, "too long to trust");
+    }
+
+    /// The fields noted while the map is built are the ones in it, and the
+    /// lengths of several `Content-Length` fields must agree.
+    #[test]
+    fn field_map_notes_the_framing_fields() {
+        fn parsed(text: &'static str) -> (Bytes, FieldPlaces) {
+            let head = Bytes::from_static(text.as_bytes());
+            let mut fields = [httparse::EMPTY_HEADER; 8];
+            httparse::parse_headers(&head, &mut fields).unwrap();
+            let at = |s: &[u8]| s.as_ptr() as usize - head.as_ptr() as usize;
+            let places = fields
+                .iter()
+                .filter(|h| !h.name.is_empty())
+                .map(|h| {
+                    (
+                        at(h.name.as_bytes()),
+                        h.name.len(),
+                        at(h.value),
+                        h.value.len(),
+                    )
+                })
+                .collect();
+            (head, places)
+        }
+        let (head, places) = parsed(
+            "Content-Length: 5\r\nX-A: a\r\ncontent-length: 5, 5\r\nConnection: te\r\nTE: trailers\r\n\r\n",
+        );
+        let (map, noted) = field_map(&head, &places, 2).unwrap();
+        assert_eq!(map.len(), 5);
+        assert_eq!(map["x-a"], "a");
+        assert_eq!(map["te"], "trailers");
+        assert!(noted.has_content_length && noted.connection && noted.te);
+        assert!(!noted.transfer_encoding && !noted.upgrade && !noted.expect);
+        assert_eq!(noted.content_length, Some(5));
+
+        let (head, places) = parsed(
+            "Content-Length: 5\r\nContent-Length: 6\r\nUpgrade: x\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n",
+        );
+        let (_, noted) = field_map(&head, &places, 0).unwrap();
+        assert_eq!(noted.content_length, None, "5 and 6 disagree");
+        assert!(noted.has_content_length && noted.upgrade);
+        assert!(noted.transfer_encoding && noted.expect);
+
+        assert!(
+            field_map(&head, &[(0, 14, 400, 10)], 0).is_err(),
+            "out of range"
+        );
+        let bad = Bytes::from_static(b"a b: c");
+        assert!(field_map(&bad, &[(0, 3, 5, 1)], 0).is_err(), "invalid name");
     }
 
     #[test]

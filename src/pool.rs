@@ -25,7 +25,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use http::{Method, Request, Response};
+use http::Response;
 
 use crate::body::RequestBody;
 use crate::h1::{self, Conn, Outgoing, UpstreamBody};
@@ -70,14 +70,6 @@ impl h1::Home for Home {
             });
         }
     }
-}
-
-/// Whether a request may be sent twice (RFC 9110 §9.2.2).
-fn idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
 }
 
 /// Why a request got no response.
@@ -157,13 +149,11 @@ impl Pool {
     /// one, and returns the response with its body still on the connection.
     pub async fn send(
         &self,
-        req: Request<RequestBody>,
+        out: Outgoing<RequestBody>,
     ) -> Result<Response<UpstreamBody>, SendError> {
-        let replayable = idempotent(req.method());
-        let out = Outgoing::new(req);
         let out = match self.checkout() {
             Some(mut conn) => {
-                let copy = if replayable { out.replay() } else { None };
+                let copy = out.replay();
                 match h1::exchange(&mut conn, out).await {
                     Ok(head) => return Ok(self.respond(conn, head)),
                     Err(failure) => match (failure.unsent, copy) {

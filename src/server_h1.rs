@@ -41,7 +41,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderName};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -397,7 +397,7 @@ pub async fn serve<I: Io>(
     }
 
     let mut out = Writer::default();
-    let mut fields: Vec<(usize, usize, usize, usize)> = Vec::new();
+    let mut fields = crate::h1::FieldPlaces::new();
     loop {
         // The next request head, within the idle timeout.
         let read = poll_fn(|cx| {
@@ -610,7 +610,7 @@ fn head_may_be_complete<I: Io>(c: &mut Conn<I>) -> bool {
 #[allow(clippy::type_complexity)]
 fn parse_head<I: Io>(
     c: &mut Conn<I>,
-    fields: &mut Vec<(usize, usize, usize, usize)>,
+    fields: &mut crate::h1::FieldPlaces,
 ) -> Result<Option<(Request<()>, Exchange, bool)>, Refused> {
     let mut headers = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut []);
@@ -668,19 +668,13 @@ fn parse_head<I: Io>(
     };
     let uri = Uri::from_maybe_shared(slice(target.0, target.1)?)
         .map_err(|e| Refused(400, format!("invalid request target: {e}")))?;
-    // Room for what the proxy adds (forwarding headers, the request id).
-    let mut map = HeaderMap::with_capacity(fields.len() + 4);
-    for &(name_at, name_len, value_at, value_len) in fields.iter() {
-        let name = HeaderName::from_bytes(&head[name_at..name_at + name_len])
-            .map_err(|_| Refused(400, "invalid header name".into()))?;
-        let value = HeaderValue::from_maybe_shared(slice(value_at, value_len)?)
-            .map_err(|_| Refused(400, format!("invalid value of {name}")))?;
-        map.append(name, value);
-    }
+    // Room for what the proxy adds (Host, forwarding headers, the request
+    // id), so that the map never grows.
+    let (mut map, noted) = crate::h1::field_map(&head, fields, 4).map_err(|e| Refused(400, e))?;
 
     // The body's framing (RFC 9112 §6.3).
     let mut close_after = false;
-    let decode = if map.contains_key(header::TRANSFER_ENCODING) {
+    let decode = if noted.transfer_encoding {
         if version == Version::HTTP_10 {
             return Err(Refused(
                 400,
@@ -696,14 +690,15 @@ fn parse_head<I: Io>(
                 "Transfer-Encoding does not end in chunked".into(),
             ));
         }
-        if map.remove(header::CONTENT_LENGTH).is_some() {
+        if noted.has_content_length {
+            map.remove(header::CONTENT_LENGTH);
             // Both: the length is ignored, and nothing after this body is
             // trusted as a request.
             close_after = true;
         }
         Decode::Chunked(Chunked::Size)
-    } else if map.contains_key(header::CONTENT_LENGTH) {
-        match crate::h1::content_length(&map) {
+    } else if noted.has_content_length {
+        match noted.content_length {
             Some(0) => Decode::Done,
             Some(n) => Decode::Length(n),
             None => return Err(Refused(400, "invalid Content-Length".into())),
@@ -712,21 +707,24 @@ fn parse_head<I: Io>(
         Decode::Done
     };
     let connection = |token: &str| {
-        crate::h1::tokens(&map, &header::CONNECTION).any(|t| t.eq_ignore_ascii_case(token))
+        noted.connection
+            && crate::h1::tokens(&map, &header::CONNECTION).any(|t| t.eq_ignore_ascii_case(token))
     };
     let keep_alive = match version {
         Version::HTTP_11 => !connection("close"),
         _ => connection("keep-alive") && !connection("close"),
     };
-    let te_trailers =
-        crate::h1::tokens(&map, &header::TE).any(|t| t.eq_ignore_ascii_case("trailers"));
+    let te_trailers = noted.te
+        && crate::h1::tokens(&map, &header::TE).any(|t| t.eq_ignore_ascii_case("trailers"));
     let expect = version == Version::HTTP_11
         && decode != Decode::Done
+        && noted.expect
         && map
             .get(header::EXPECT)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     let mut req = Request::new(());
-    let upgrade = crate::proxy::upgrade_protocol(&map).map(|_| {
+    let upgrade = noted.upgrade.then(|| crate::proxy::upgrade_protocol(&map));
+    let upgrade = upgrade.flatten().map(|_| {
         let (tx, rx) = tokio::sync::oneshot::channel();
         req.extensions_mut()
             .insert(OnUpgrade(Arc::new(Mutex::new(Some(rx)))));

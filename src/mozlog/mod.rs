@@ -28,10 +28,80 @@ thread_local! {
 /// The mozlog envelope version.
 const ENV_VERSION: &str = "2.0";
 
-/// Appends `s` as a JSON string (quoted, escaped as serde_json does).
+/// Appends `s` as a JSON string, quoted and escaped byte for byte as
+/// serde_json escapes it. The text of a line (a path, a user agent) rarely
+/// needs an escape: it is checked eight bytes at a time and then copied
+/// whole, where serde_json looks each byte up (that was about a third of
+/// the cost of a summary line).
 pub(crate) fn json_str(buf: &mut Vec<u8>, s: &str) {
-    // Writing a str into a Vec cannot fail.
-    let _ = serde_json::to_writer(buf, s);
+    let bytes = s.as_bytes();
+    buf.reserve(bytes.len() + 2);
+    buf.push(b'"');
+    if any_needs_escape(bytes) {
+        escape(buf, bytes);
+    } else {
+        buf.extend_from_slice(bytes);
+    }
+    buf.push(b'"');
+}
+
+/// Whether a byte of `bytes` needs an escape in a JSON string.
+fn any_needs_escape(bytes: &[u8]) -> bool {
+    let mut words = bytes.chunks_exact(8);
+    for word in &mut words {
+        let mut w = [0; 8];
+        w.copy_from_slice(word);
+        if needs_escape(u64::from_le_bytes(w)) {
+            return true;
+        }
+    }
+    words
+        .remainder()
+        .iter()
+        .any(|&b| b < 0x20 || b == b'"' || b == b'\\')
+}
+
+/// The escaping itself, byte by byte, as serde_json does it.
+fn escape(buf: &mut Vec<u8>, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut clean = 0; // bytes[..clean] are in `buf`
+    for (i, &b) in bytes.iter().enumerate() {
+        let escape: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            0x00..=0x1f => b"",
+            _ => continue,
+        };
+        buf.extend_from_slice(&bytes[clean..i]);
+        if escape.is_empty() {
+            buf.extend_from_slice(b"\\u00");
+            buf.push(HEX[usize::from(b >> 4)]);
+            buf.push(HEX[usize::from(b & 0xf)]);
+        } else {
+            buf.extend_from_slice(escape);
+        }
+        clean = i + 1;
+    }
+    buf.extend_from_slice(&bytes[clean..]);
+}
+
+/// Whether any of the eight bytes of `word` is a control character, `"`
+/// or `\\` (the classic "has a zero byte" and "has a byte less than n"
+/// tests, which are exact).
+fn needs_escape(word: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let zero_byte = |x: u64| x.wrapping_sub(ONES) & !x & HIGH;
+    let control = word.wrapping_sub(ONES * 0x20) & !word & HIGH;
+    control
+        | zero_byte(word ^ (ONES * u64::from(b'"')))
+        | zero_byte(word ^ (ONES * u64::from(b'\\')))
+        != 0
 }
 
 /// Syslog severities used by mozlog.
@@ -210,6 +280,35 @@ impl Logger {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every character that needs an escape, at every position of an
+    /// eight-byte word and past it, is escaped as serde_json escapes it.
+    #[test]
+    fn json_str_escapes_as_serde_json_does() {
+        let mut specials: Vec<char> = (0u8..0x20).map(char::from).collect();
+        specials.extend(['"', '\\', '\u{7f}', 'é', '\u{2028}', '😀', 'a', '/']);
+        for c in specials {
+            for at in 0..18 {
+                for len in [at + 1, at + 3, 20, 40] {
+                    let mut s: String = "abcdefghijklmnopqrstuvwxyz0123456789ABCD"
+                        .chars()
+                        .take(len.max(at + 1))
+                        .collect();
+                    s.replace_range(at..at + 1, c.encode_utf8(&mut [0; 4]));
+                    let mut ours = Vec::new();
+                    json_str(&mut ours, &s);
+                    assert_eq!(
+                        String::from_utf8(ours).unwrap(),
+                        serde_json::to_string(&s).unwrap(),
+                        "{s:?}"
+                    );
+                }
+            }
+        }
+        let mut ours = Vec::new();
+        json_str(&mut ours, "");
+        assert_eq!(ours, b"\"\"");
+    }
 
     /// The hand-written envelope is byte for byte what serde_json writes
     /// for the same line, escapes included.
