@@ -166,7 +166,7 @@ pub async fn run_with_reload(
     let hangups = match reload {
         Some(reload) => Some((
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?,
-            reload,
+            Arc::<dyn Fn() -> Result<Config, String> + Send + Sync>::from(reload),
         )),
         None => None,
     };
@@ -189,7 +189,13 @@ pub async fn run_with_reload(
                         Err(e) => tracing::error!(error = %e, "TLS certificate reload failed"),
                     }
                 }
-                match reload().and_then(|config| app.hooks.reload(&config)) {
+                // Off the runtime's threads: loading reads files and renders
+                // each hook template's samples (up to 3 s when one is stuck).
+                let load = reload.clone();
+                let loaded = tokio::task::spawn_blocking(move || load())
+                    .await
+                    .unwrap_or_else(|e| Err(format!("the reload failed: {e}")));
+                match loaded.and_then(|config| app.hooks.reload(&config)) {
                     Ok(hooks) => tracing::info!(
                         hooks = hooks as u64,
                         "configuration reloaded: hooks applied"

@@ -358,3 +358,53 @@ fn check_config_masks_the_smtp_password() {
         "{printed}"
     );
 }
+
+/// template_renderer found `{{ [1] * 100000000000000 }}`: printing a lazy
+/// sequence of 10^14 items is one instruction of fuel, and check-config
+/// hung on it; `2 in` such a sequence hangs the compiler (which folds
+/// constants). Compiling and the sample renders now have a time limit
+/// (3 s), and the process exits with the error, taking the stuck thread
+/// with it.
+#[test]
+fn check_config_refuses_a_template_that_would_never_finish() {
+    for template in [
+        "{{ [1] * 100000000000000 }}",
+        "{{ 2 in [1] * 100000000000000 }}",
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("sidecar.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "[[hooks]]\nname = \"h\"\nevents = [\"heartbeat.failed\"]\nurl = \"http://x/\"\n\
+                 content_type = \"text/plain\"\ntemplate = \"{template}\"\n"
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new(common::binary());
+        cmd.args(["check-config", "--config", file.to_str().unwrap()])
+            .env_remove("DOCKERFLOW_CONFIG")
+            .env("DOCKERFLOW_ADMIN__LISTEN", "127.0.0.1:0")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let child = cmd.spawn().unwrap();
+        let pid = child.id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(child.wait_with_output()));
+        // Without the limit this never returns: the deadline turns that into
+        // a failure (and kills the process) instead of a hung test run.
+        let out = match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+            Ok(out) => out.unwrap(),
+            Err(_) => {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+                panic!("{template}: check-config still running after 60 s");
+            }
+        };
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{template}: {stderr}");
+        assert!(
+            stderr.contains("hooks[0].template") && stderr.contains("samples within 3 s"),
+            "{template}: {stderr}"
+        );
+    }
+}

@@ -417,6 +417,49 @@ fn invalid_hooks_fail_check_config_naming_the_hook_and_key() {
     }
 }
 
+/// A reload whose template never finishes rendering is refused once the
+/// check's limit (3 s) has passed, and the proxy answers all the while,
+/// even on one worker thread: the reload runs off the runtime's threads.
+#[tokio::test]
+async fn a_reload_whose_template_never_finishes_keeps_the_proxy_answering() {
+    let app = Upstream::start();
+    let sidecar = SidecarBuilder::new(&app.url())
+        .toml("")
+        .env("DOCKERFLOW_SERVER__WORKER_THREADS", "1")
+        .start();
+    let config = sidecar.workdir.join("sidecar.toml");
+    let original = std::fs::read_to_string(&config).unwrap();
+    // `in` walks a lazy sequence of 10^14 items: one instruction of fuel.
+    let stuck = hook(
+        "stuck",
+        "\"heartbeat.failed\"",
+        "http://127.0.0.1:9/",
+        "content_type = \"text/plain\"\ntemplate = \"{{ 2 in [1] * 100000000000000 }}\"",
+    );
+    std::fs::write(&config, format!("{original}\n{stuck}")).unwrap();
+    sidecar.signal(libc::SIGHUP);
+    let refused = |l: &str| l.contains("configuration not reloaded");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let (mut answered, mut slowest) = (0, std::time::Duration::ZERO);
+    while !sidecar.stdout.all().iter().any(|l| refused(l)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no refusal within 60 s"
+        );
+        let started = std::time::Instant::now();
+        assert_eq!(get(&sidecar.url("/__lbheartbeat__"), &[]).await.status, 200);
+        slowest = slowest.max(started.elapsed());
+        answered += 1;
+    }
+    let line = sidecar.stdout.wait_for("the refusal", refused);
+    assert!(line.contains("samples within 3 s"), "{line}");
+    // Blocking the one worker for the check's 3 s would show here.
+    assert!(
+        answered > 1 && slowest < std::time::Duration::from_secs(2),
+        "{answered} requests during the check, the slowest took {slowest:?}"
+    );
+}
+
 #[tokio::test]
 async fn sighup_applies_new_hooks_without_dropping_a_request() {
     let app = Upstream::start();

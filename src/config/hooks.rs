@@ -188,7 +188,7 @@ pub(super) fn validate(
                 problem("secret", e);
             }
         }
-        if let Err(e) = crate::hooks::Template::new(hook, service).and_then(|t| t.check(hook)) {
+        if let Err(e) = crate::hooks::Template::verify(hook, service) {
             problem("template", e);
         }
     }

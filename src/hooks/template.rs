@@ -16,6 +16,13 @@ use crate::events::{Event, EventData};
 /// (and `check-config` says so) instead of hanging.
 const FUEL: u64 = 1_000_000;
 
+/// Longest [`Template::verify`] may take. Fuel counts
+/// the template's instructions, not the work inside one: printing (or
+/// `join`, `list`, `in`) a lazy sequence such as `[1] * 10**14` runs for
+/// hours on one instruction. A real template renders its samples in
+/// milliseconds.
+const CHECK_LIMIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// The widest field `format` may pad to (digits of a width or precision).
 const FORMAT_DIGITS: usize = 4;
 
@@ -134,6 +141,35 @@ impl Template {
         self.env
             .render_str(source, context)
             .map_err(|e| format!("the template failed: {e}"))
+    }
+
+    /// Compiles the template of `hook` and renders a sample of every event
+    /// it takes ([`Template::check`]), failing when that takes longer than
+    /// [`CHECK_LIMIT`]. Both run on a thread of their own (compiling folds
+    /// constant expressions, so `{{ 2 in [1] * 10**14 }}` hangs there), left
+    /// behind if they never finish (Rust cannot stop a thread): check-config
+    /// and start-up then exit with the error, and a reload keeps the running
+    /// configuration.
+    pub fn verify(hook: &HookConfig, service: &str) -> Result<(), String> {
+        let (hook, service) = (hook.clone(), service.to_owned());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("template-check".into())
+            .spawn(move || {
+                let _ = tx.send(Template::new(&hook, &service).and_then(|t| t.check(&hook)));
+            })
+            .map_err(|e| format!("cannot start the template check: {e}"))?;
+        match rx.recv_timeout(CHECK_LIMIT) {
+            Ok(result) => result,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(format!(
+                "the template did not compile and render its samples within {} s: it walks \
+                 something too large (such as `[1] * 10**14`), which fuel does not count",
+                CHECK_LIMIT.as_secs()
+            )),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                Err("the template check failed".into())
+            }
+        }
     }
 
     /// Renders a sample of every event the hook takes, with hostile values,
