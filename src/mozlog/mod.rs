@@ -47,18 +47,20 @@ pub(crate) fn json_str(buf: &mut Vec<u8>, s: &str) {
 
 /// Whether a byte of `bytes` needs an escape in a JSON string.
 fn any_needs_escape(bytes: &[u8]) -> bool {
-    let mut words = bytes.chunks_exact(8);
-    for word in &mut words {
-        let mut w = [0; 8];
-        w.copy_from_slice(word);
-        if needs_escape(u64::from_le_bytes(w)) {
-            return true;
-        }
+    let word = |w: &[u8]| {
+        let mut word = [0; 8];
+        word.copy_from_slice(w);
+        needs_escape(u64::from_le_bytes(word))
+    };
+    if bytes.len() < 8 {
+        return bytes.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\');
     }
-    words
-        .remainder()
-        .iter()
-        .any(|&b| b < 0x20 || b == b'"' || b == b'\\')
+    let mut words = bytes.chunks_exact(8);
+    if words.any(word) {
+        return true;
+    }
+    // The last bytes, in one word that overlaps the ones already checked.
+    !words.remainder().is_empty() && word(&bytes[bytes.len() - 8..])
 }
 
 /// The escaping itself, byte by byte, as serde_json does it.
@@ -288,8 +290,8 @@ mod tests {
         let mut specials: Vec<char> = (0u8..0x20).map(char::from).collect();
         specials.extend(['"', '\\', '\u{7f}', 'é', '\u{2028}', '😀', 'a', '/']);
         for c in specials {
-            for at in 0..18 {
-                for len in [at + 1, at + 3, 20, 40] {
+            for at in 0..40 {
+                for len in [at + 1, at + 3, at + 8, 20, 40] {
                     let mut s: String = "abcdefghijklmnopqrstuvwxyz0123456789ABCD"
                         .chars()
                         .take(len.max(at + 1))
