@@ -10,6 +10,7 @@ builds where req/s on this shared machine cannot.
 
   python3 bench/instructions.py [BINARY] [-n 2000] [--path /some/path?x=1]
   python3 bench/instructions.py --path /__lbheartbeat__   # the sidecar's own route
+  python3 bench/instructions.py --nginx   # nginx (one process, access log on), same load
 
 BINARY defaults to target/release/dockerflow-sidecar. `--keep DIR` keeps the
 two callgrind files (callgrind_annotate shows where the instructions go).
@@ -62,6 +63,31 @@ def one(sock, request):
             return
 
 
+def nginx_command(work, port, upstream_port):
+    """nginx as bench/lib.sh runs it (keep-alive both sides, access log
+    buffered), but as one process, so that callgrind sees the worker."""
+    for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        os.makedirs(os.path.join(work, sub), exist_ok=True)
+    conf = os.path.join(work, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(f"""daemon off; master_process off; worker_processes 1;
+pid {work}/nginx.pid; error_log {work}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log {work}/access.log combined buffer=64k flush=1s;
+    client_body_temp_path {work}/client_body; proxy_temp_path {work}/proxy;
+    fastcgi_temp_path {work}/fastcgi; uwsgi_temp_path {work}/uwsgi; scgi_temp_path {work}/scgi;
+    keepalive_timeout 60s; keepalive_requests 1000000;
+    upstream app {{ server 127.0.0.1:{upstream_port}; keepalive 64; keepalive_requests 1000000; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }}
+    }}
+}}
+""")
+    return ["nginx", "-c", conf, "-p", work], signal.SIGQUIT
+
+
 def total(binary, upstream_port, requests, path, out):
     port = free_port()
     env = dict(
@@ -71,9 +97,12 @@ def total(binary, upstream_port, requests, path, out):
         DOCKERFLOW_SERVER__WORKER_THREADS="1",
         DOCKERFLOW_SHUTDOWN__DRAIN="0s",
     )
+    if binary == "nginx":
+        command, stop = nginx_command(os.path.dirname(out), port, upstream_port)
+    else:
+        command, stop = [binary, "--upstream", f"http://127.0.0.1:{upstream_port}"], signal.SIGTERM
     sidecar = subprocess.Popen(
-        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", binary,
-         "--upstream", f"http://127.0.0.1:{upstream_port}"],
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *command],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=os.path.dirname(out),
     )
     request = (f"GET {path} HTTP/1.1\r\nHost: example.com\r\n"
@@ -82,7 +111,7 @@ def total(binary, upstream_port, requests, path, out):
     for _ in range(WARM_UP + requests):
         one(sock, request)
     sock.close()
-    sidecar.send_signal(signal.SIGTERM)
+    sidecar.send_signal(stop)
     sidecar.wait(timeout=120)
     with open(out) as f:
         for line in f:
@@ -97,7 +126,10 @@ def main():
     parser.add_argument("-n", type=int, default=2000)
     parser.add_argument("--path", default="/some/path?x=1")
     parser.add_argument("--keep")
+    parser.add_argument("--nginx", action="store_true", help="measure nginx instead")
     args = parser.parse_args()
+    if args.nginx:
+        args.binary = "nginx"
     upstream_bin = os.path.join(ROOT, "target/release/examples/bench_upstream")
     if not os.access(upstream_bin, os.X_OK):
         subprocess.run(["cargo", "build", "--release", "--example", "bench_upstream"], cwd=ROOT, check=True)
