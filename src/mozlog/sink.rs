@@ -117,6 +117,18 @@ impl Sink {
     }
 }
 
+/// Empties a written batch for reuse. A batch that grew past four times
+/// the usual size (a burst, or stdout stalled) is let go: the two buffers
+/// trade places on every batch, so without this both kept their peak size
+/// for good, up to the 16 MiB limit each after a stall of stdout.
+fn recycle(batch: &mut Vec<u8>) {
+    if batch.capacity() > BATCH * 4 {
+        *batch = Vec::with_capacity(BATCH * 2);
+    } else {
+        batch.clear();
+    }
+}
+
 fn write_loop(shared: &Shared, out: Box<dyn Write + Send>) {
     let mut out = out;
     let mut batch = Vec::with_capacity(BATCH * 2);
@@ -140,7 +152,7 @@ fn write_loop(shared: &Shared, out: Box<dyn Write + Send>) {
 
         let _ = out.write_all(&batch);
         let _ = out.flush();
-        batch.clear();
+        recycle(&mut batch);
 
         let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
         if state.completed < ticket {
@@ -153,6 +165,21 @@ fn write_loop(shared: &Shared, out: Box<dyn Write + Send>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A batch that grew in a burst is given back; a usual one is kept.
+    #[test]
+    fn a_batch_grown_in_a_burst_is_let_go() {
+        let mut usual = Vec::with_capacity(BATCH * 2);
+        usual.extend_from_slice(&[b'x'; 1000]);
+        recycle(&mut usual);
+        assert!(usual.is_empty());
+        assert_eq!(usual.capacity(), BATCH * 2);
+
+        let mut burst = vec![b'x'; BATCH * 16];
+        recycle(&mut burst);
+        assert!(burst.is_empty());
+        assert!(burst.capacity() <= BATCH * 4, "{}", burst.capacity());
+    }
 
     /// A writer the test can read back, and hold still.
     #[derive(Clone, Default)]
