@@ -10,8 +10,11 @@ use tracing_subscriber::layer::SubscriberExt;
 use dockerflow_sidecar::config::{masked_toml, Config, Overrides};
 use dockerflow_sidecar::mozlog::{Logger, MozlogLayer, Sink};
 
+mod allocator;
+mod trim;
+
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: allocator::MiMalloc = allocator::MiMalloc;
 
 /// A sidecar proxy that answers the Dockerflow routes, logs one mozlog line
 /// per request and forwards everything else to the app.
@@ -346,7 +349,7 @@ fn serve(config: Config, overrides: Overrides) -> ExitCode {
         builder.worker_threads(workers);
         builder
     };
-    runtime.enable_all();
+    runtime.enable_all().on_thread_park(trim::on_park);
     let runtime = match runtime.build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -363,6 +366,7 @@ fn serve(config: Config, overrides: Overrides) -> ExitCode {
         // soon as `listening` is logged is already ours, not the default
         // (which would kill the process without a drain).
         let mut signals = Signals::install()?;
+        tokio::spawn(trim::watch(workers));
         let (first_tx, first_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             let name = signals.next().await;

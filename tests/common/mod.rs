@@ -411,12 +411,17 @@ impl Sidecar {
 
     /// Resident memory in KiB, from /proc.
     pub fn rss_kib(&self) -> u64 {
+        self.status_kib("VmRSS")
+    }
+
+    /// A KiB field of /proc/PID/status (`VmRSS`, `RssAnon`, …).
+    pub fn status_kib(&self, field: &str) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap()
+            .unwrap_or_else(|| panic!("no {field} in /proc/{}/status", self.pid()))
     }
 }
 
