@@ -55,9 +55,7 @@ PREFIX="drain$$"
 # shellcheck source=bench/lib.sh
 source "$ROOT/bench/lib.sh"
 
-for tool in curl python3; do
-    command -v "$tool" >/dev/null || die "$tool is not installed"
-done
+ensure_tools curl python3
 build_binaries
 build_mixed_load
 rm -rf "$OUT"

@@ -19,9 +19,7 @@ GOAL=2000
 # shellcheck source=bench/lib.sh
 source "$ROOT/bench/lib.sh"
 RECEIVER=$UPSTREAM_BIN
-for tool in wrk curl python3 sqlite3; do
-    command -v "$tool" >/dev/null || die "$tool is not installed (apt-get install wrk curl sqlite3)"
-done
+ensure_tools wrk curl python3 sqlite3
 build_binaries
 rm -rf "$OUT" && mkdir -p "$OUT"
 

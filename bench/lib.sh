@@ -262,6 +262,30 @@ goal_row() {
     printf '%s\n' "$line" >>"$ROOT/bench/out/goals.txt"
 }
 
+# ensure_tools TOOL...: each tool (a command name or path) is installed, from
+# its Debian package with apt-get when it is missing and we are root (nginx is
+# Debian's nginx-light); otherwise the script stops naming the package.
+ensure_tools() {
+    local tool pkg missing=()
+    for tool in "$@"; do
+        command -v "$tool" >/dev/null && continue
+        case ${tool##*/} in
+            nginx) pkg=nginx-light ;;
+            nstat) pkg=iproute2 ;;
+            *) pkg=${tool##*/} ;;
+        esac
+        missing+=("$pkg")
+    done
+    ((${#missing[@]})) || return 0
+    if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+        log "installing ${missing[*]} with apt-get"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    else
+        die "missing ${missing[*]}: apt-get install ${missing[*]}"
+    fi
+}
+
 # ensure_oha: sets OHA to an oha binary (open-loop load with latency
 # correction), installing it from crates.io into target/bench-tools once.
 ensure_oha() {
@@ -280,6 +304,9 @@ rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 
 # cpu_ticks PID: user + system clock ticks used so far.
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+
+# cpu_ticks_split PID: user and system clock ticks used so far.
+cpu_ticks_split() { awk '{ print $14, $15 }' "/proc/$1/stat"; }
 
 # sample_rss PID FILE: appends PID's RSS (KiB) to FILE every 50 ms until the
 # process exits or the sampler is killed; sets SAMPLER_PID.

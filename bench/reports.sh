@@ -20,9 +20,7 @@ THREADS=${BENCH_THREADS:-2}
 GOAL=20000
 # shellcheck source=bench/lib.sh
 source "$ROOT/bench/lib.sh"
-for tool in wrk curl python3 sqlite3; do
-    command -v "$tool" >/dev/null || die "$tool is not installed (apt-get install wrk curl sqlite3)"
-done
+ensure_tools wrk curl python3 sqlite3
 
 build_binaries
 rm -rf "$OUT" && mkdir -p "$OUT"

@@ -30,9 +30,7 @@ THREADS=${BENCH_THREADS:-2}
 # shellcheck source=bench/lib.sh
 source "$ROOT/bench/lib.sh"
 
-for tool in "$NGINX" "$HAPROXY" "$WRK" curl python3; do
-    command -v "$tool" >/dev/null || die "$tool is not installed"
-done
+ensure_tools "$NGINX" "$HAPROXY" "$WRK" curl python3
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "BENCH_ROUNDS must be a positive integer, not '$ROUNDS'"
 
 # --- build -------------------------------------------------------------------

@@ -48,9 +48,7 @@ PREFIX="soak$$"
 # shellcheck source=bench/lib.sh
 source "$ROOT/bench/lib.sh"
 
-for tool in curl python3; do
-    command -v "$tool" >/dev/null || die "$tool is not installed"
-done
+ensure_tools curl python3
 DURATION_S=$(python3 -c '
 import re, sys
 m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m)?", sys.argv[1])
