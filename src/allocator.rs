@@ -13,9 +13,9 @@
 //! whole about 4,500 of its ~24,400 instructions.
 //!
 //! Every mimalloc block is at least word-aligned (its size classes are
-//! multiples of the word size, its pages start page-aligned), so a layout
-//! whose alignment is at most a word goes to plain `mi_malloc`; larger
-//! alignments still go to `mi_malloc_aligned`.
+//! multiples of the word size, and a page's first block is 16-aligned), so
+//! a layout whose alignment is at most a word goes to plain `mi_malloc`;
+//! larger alignments still go to `mi_malloc_aligned`.
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::ffi::c_void;

@@ -361,7 +361,13 @@ fn serve(config: Config, overrides: Overrides) -> ExitCode {
 
     let signal_logger = logger.clone();
     let run_logger = logger.clone();
-    let result = runtime.block_on(async move {
+    // The whole of serving is a task, so that it runs on a worker thread on
+    // the multi-thread runtime too, where `block_on` would poll it on this
+    // main thread: the accept loop would allocate every connection's task
+    // from the main thread's mimalloc heap, and that thread never parks
+    // through `on_thread_park`, so the trim (src/trim.rs) never collected
+    // what the workers freed there.
+    let serving = async move {
         // Installed before the listener exists, so a signal that arrives as
         // soon as `listening` is logged is already ours, not the default
         // (which would kill the process without a drain).
@@ -388,6 +394,13 @@ fn serve(config: Config, overrides: Overrides) -> ExitCode {
             Some(reload),
         )
         .await
+    };
+    let result = runtime.block_on(async move {
+        match tokio::spawn(serving).await {
+            Ok(result) => result,
+            // A panic only (release builds abort on one).
+            Err(e) => Err(std::io::Error::other(e)),
+        }
     });
     let code = match result {
         Ok(()) => {

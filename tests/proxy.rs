@@ -448,8 +448,9 @@ async fn memory_a_burst_used_is_given_back_once_it_stops() {
     );
 
     // The watcher samples once a second: a quiet second, then the worker's
-    // next park.
-    let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    // next park (and a follow-up two quiet seconds later). The deadline is
+    // for a slow machine; here it comes back within about 2 s.
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let mut now = burst;
     // Back to where it was, or lower: the collection also frees what
     // start-up left. Without it a debug build stays ~200 KiB above, a
@@ -458,7 +459,7 @@ async fn memory_a_burst_used_is_given_back_once_it_stops() {
         assert!(
             std::time::Instant::now() < end,
             "anonymous memory {before} KiB before a burst, {burst} KiB after it, \
-             still {now} KiB 20 s later"
+             still {now} KiB 30 s later"
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         now = sidecar.status_kib("RssAnon");
