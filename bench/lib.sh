@@ -302,11 +302,11 @@ ensure_oha() {
 # rss_kib PID: resident memory now.
 rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
 
-# cpu_ticks PID: user + system clock ticks used so far.
-cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
-
 # cpu_ticks_split PID: user and system clock ticks used so far.
 cpu_ticks_split() { awk '{ print $14, $15 }' "/proc/$1/stat"; }
+
+# cpu_ticks PID: user + system clock ticks used so far.
+cpu_ticks() { cpu_ticks_split "$1" | awk '{ print $1 + $2 }'; }
 
 # sample_rss PID FILE: appends PID's RSS (KiB) to FILE every 50 ms until the
 # process exits or the sampler is killed; sets SAMPLER_PID.
