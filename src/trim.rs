@@ -9,7 +9,9 @@
 //! of a 10 MB sidecar after 5 s of 64 connections (BENCHMARKS.md).
 //!
 //! A watcher samples the process's CPU time once a second. When a second
-//! passes quiet after a busy one, again two quiet seconds later (what timers
+//! passes quiet (under 2 ms of CPU time, or under four times the least a
+//! second has used so far where that is more: the process's own idle cost,
+//! on a slow machine) after a busy one, again two quiet seconds later (what timers
 //! freed after the first: the upstream pool closes its idle connections one
 //! `pool_idle_timeout` after the traffic), and every 10 s while it stays
 //! quiet, it raises `WANTED`; each worker thread, the next time it parks,
@@ -32,10 +34,17 @@ use std::time::Duration;
 
 /// How often the watcher samples the CPU time.
 const TICK: Duration = Duration::from_secs(1);
-/// CPU time in one tick under which the process counts as quiet. An idle
-/// sidecar (the watcher, the pool's reaper) uses about 0.3 ms a second;
-/// 1,000 req/s about 60 ms.
+/// CPU time in one tick under which the process counts as quiet, at least.
+/// An idle sidecar (the watcher, the pool's reaper) uses about 0.3 ms a
+/// second in a release build; 1,000 req/s about 60 ms.
 const QUIET: Duration = Duration::from_millis(2);
+/// ... or this many times the least CPU time a tick has used so far (the
+/// process's own idle cost): a debug build on a machine several times
+/// slower idles above `QUIET`, and would otherwise never look quiet.
+const QUIET_OVER_FLOOR: u32 = 4;
+/// Ticks that used this much are traffic, never the idle cost, even when no
+/// quieter tick has come yet (a sidecar started under load).
+const FLOOR_AT_MOST: Duration = Duration::from_millis(20);
 /// While quiet, a collection every this many ticks all the same: what
 /// freed memory without costing `QUIET` (keep-alive connections closing
 /// after their idle timeout, a few requests) is given back too.
@@ -106,12 +115,18 @@ struct Watcher {
     busy: bool,
     /// Quiet ticks counted towards the next collection.
     quiet_ticks: u32,
+    /// The least CPU time a tick has used so far.
+    floor: Option<Duration>,
 }
 
 impl Watcher {
     /// Whether to collect after a tick that used `used` of CPU time.
     fn tick(&mut self, used: Duration) -> bool {
-        if used >= QUIET {
+        if used < FLOOR_AT_MOST {
+            self.floor = Some(self.floor.map_or(used, |f| f.min(used)));
+        }
+        let floor = self.floor.unwrap_or_default();
+        if used >= QUIET.max(floor * QUIET_OVER_FLOOR) {
             self.busy = true;
             return false;
         }
@@ -184,6 +199,19 @@ mod tests {
         assert_eq!(collections(&[BUSY; 40]), Vec::<usize>::new());
         // A quiet second between two busy ones is a burst's end.
         assert_eq!(collections(&[BUSY, BUSY, IDLE, BUSY, IDLE, IDLE]), [2, 4]);
+    }
+
+    #[test]
+    fn a_slow_machine_whose_idle_is_above_the_threshold_still_looks_quiet() {
+        // A debug build on a slow machine: idle costs 3 ms a second.
+        let slow_idle = Duration::from_millis(3);
+        let mut samples = vec![slow_idle; 3];
+        samples.extend([BUSY; 5]);
+        samples.extend([slow_idle; 5]);
+        assert_eq!(collections(&samples), [8, 10]);
+        // Light traffic on that machine is still traffic.
+        let light = Duration::from_millis(15);
+        assert_eq!(collections(&[slow_idle, light, light, slow_idle]), [3]);
     }
 
     #[test]
