@@ -231,7 +231,7 @@ start_sidecar() {
     SIDECAR_PID=$!
     PIDS+=("$SIDECAR_PID")
     wait_http "sidecar ($threads threads)" "$SIDECAR_PID" "http://127.0.0.1:$SIDECAR_PORT/__lbheartbeat__"
-    # Log lines reach the file in batches (every ~10 ms): wait for it.
+    # Log lines reach the file in batches (within 100 ms): wait for it.
     local deadline=$((SECONDS + READY_TIMEOUT))
     until grep -q '"msg":"listening"' "$logfile"; do
         ((SECONDS < deadline)) || die "sidecar answered but never logged 'listening'"
