@@ -89,22 +89,33 @@ fn spawn_connection(app: Arc<App>, stream: TcpStream, peer: SocketAddr) {
         let _ = stream.set_nodelay(true);
         match app.tls.as_ref().map(|(_, acceptor)| acceptor.clone()) {
             None => server_h1::serve(app, stream, peer, false, accepted).await,
-            Some(acceptor) => {
-                // Bounded like the request head: a client that never
-                // finishes its handshake does not hold the connection.
-                let limit = app.config.server.idle_timeout;
-                let handshake = tokio::select! {
-                    done = tokio::time::timeout(limit, acceptor.accept(stream)) => done,
-                    _ = app.shutdown.stopped() => return,
-                };
-                match handshake {
-                    Ok(Ok(tls)) => server_h1::serve(app, tls, peer, true, accepted).await,
-                    Ok(Err(e)) => tracing::debug!(peer = %peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(peer = %peer, "TLS handshake timed out"),
-                }
-            }
+            // Boxed: the handshake and the TLS session are state that every
+            // plain connection's task would otherwise be sized for too.
+            Some(acceptor) => Box::pin(serve_tls(app, stream, peer, accepted, acceptor)).await,
         }
     });
+}
+
+/// A TLS connection: the handshake, then the same server as plain HTTP.
+async fn serve_tls(
+    app: Arc<App>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    accepted: tokio::time::Instant,
+    acceptor: tokio_rustls::TlsAcceptor,
+) {
+    // Bounded like the request head: a client that never finishes its
+    // handshake does not hold the connection.
+    let limit = app.config.server.idle_timeout;
+    let handshake = tokio::select! {
+        done = tokio::time::timeout(limit, acceptor.accept(stream)) => done,
+        _ = app.shutdown.stopped() => return,
+    };
+    match handshake {
+        Ok(Ok(tls)) => server_h1::serve(app, tls, peer, true, accepted).await,
+        Ok(Err(e)) => tracing::debug!(peer = %peer, error = %e, "TLS handshake failed"),
+        Err(_) => tracing::debug!(peer = %peer, "TLS handshake timed out"),
+    }
 }
 
 /// Holds a gauge one higher while it lives.

@@ -391,7 +391,10 @@ pub async fn serve<I: Io>(
                 early: conn.buf.freeze(),
                 io: conn.io,
             };
-            return serve_h2(app, io, peer, https, accepted).await;
+            // Boxed: hyper's HTTP/2 connection is about 7 KB of state that
+            // every HTTP/1.1 connection's task would otherwise carry too
+            // (the HTTP/1.1 connection future was 12,016 bytes, now 6,016).
+            return Box::pin(serve_h2(app, io, peer, https, accepted)).await;
         }
         Some(false) => {}
     }
