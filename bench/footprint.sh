@@ -82,11 +82,18 @@ for s in socks:
         if not chunk:
             break
         data += chunk
-time.sleep(0.5)  # let the allocator settle; the connections stay open
-rss = [l for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS:")][0].split()[1]
-print(rss)
+def rss():
+    return [l for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS:")][0].split()[1]
+# Two readings, the connections open all along: 0.5 s after the last
+# response (what the burst left), and 4 s after it, once the trim
+# (src/trim.rs) has had its quiet second and its follow-up: what the
+# sidecar holds while those connections sit idle.
+time.sleep(0.5)
+first = rss()
+time.sleep(3.5)
+print(first, rss())
 PY
-conns=$(cat "$OUT/connections.txt")
+read -r conns conns_settled <"$OUT/connections.txt"
 
 echo "dockerflow-sidecar footprint ($(nproc) CPUs, $(date -u +%F))"
 # meets VALUE LIMIT: yes when VALUE <= LIMIT.
@@ -94,8 +101,9 @@ meets() { awk -v v="$1" -v l="$2" 'BEGIN { print (v + 0 <= l + 0) ? "yes" : "no"
 size_mb=$(awk -v s="$size" 'BEGIN { printf "%.1f", s / 1e6 }')
 idle_mb=$(awk -v k="$idle" 'BEGIN { printf "%.1f", k * 1024 / 1e6 }')
 conns_mb=$(awk -v k="$conns" 'BEGIN { printf "%.1f", k * 1024 / 1e6 }')
+conns_settled_mb=$(awk -v k="$conns_settled" 'BEGIN { printf "%.1f", k * 1024 / 1e6 }')
 built_mb=$(awk -v s="$built_size" 'BEGIN { printf "%.1f", s / 1e6 }')
 goal_row "release binary (stripped)" "$size_mb MB ($built_mb MB with symbols)" "<= 15 MB" "$(meets "$size_mb" 15)"
 goal_row "start-up to first 200 on /__lbheartbeat__" "${first_200_ms} ms" "<= 50 ms" "$(meets "$first_200_ms" 50)"
 goal_row "RSS idle (fresh, one request of each kind)" "$idle_mb MB" "<= 10 MB" "$(meets "$idle_mb" 10)"
-goal_row "RSS with 1,000 idle keep-alive connections" "$conns_mb MB" "<= 50 MB" "$(meets "$conns_mb" 50)"
+goal_row "RSS with 1,000 idle keep-alive connections" "$conns_mb MB (4 s later $conns_settled_mb)" "<= 50 MB" "$(meets "$conns_mb" 50)"
