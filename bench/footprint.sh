@@ -91,9 +91,20 @@ def rss():
 time.sleep(0.5)
 first = rss()
 time.sleep(3.5)
-print(first, rss())
+settled = rss()
+# A reading only means something with every connection still open.
+still_open = 0
+for s in socks:
+    try:
+        if s.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK):
+            still_open += 1
+    except BlockingIOError:
+        still_open += 1
+    except OSError:
+        pass
+print(first, settled, still_open)
 PY
-read -r conns conns_settled <"$OUT/connections.txt"
+read -r conns conns_settled conns_open <"$OUT/connections.txt"
 
 echo "dockerflow-sidecar footprint ($(nproc) CPUs, $(date -u +%F))"
 # meets VALUE LIMIT: yes when VALUE <= LIMIT.
@@ -106,4 +117,8 @@ built_mb=$(awk -v s="$built_size" 'BEGIN { printf "%.1f", s / 1e6 }')
 goal_row "release binary (stripped)" "$size_mb MB ($built_mb MB with symbols)" "<= 15 MB" "$(meets "$size_mb" 15)"
 goal_row "start-up to first 200 on /__lbheartbeat__" "${first_200_ms} ms" "<= 50 ms" "$(meets "$first_200_ms" 50)"
 goal_row "RSS idle (fresh, one request of each kind)" "$idle_mb MB" "<= 10 MB" "$(meets "$idle_mb" 10)"
-goal_row "RSS with 1,000 idle keep-alive connections" "$conns_mb MB (4 s later $conns_settled_mb)" "<= 50 MB" "$(meets "$conns_mb" 50)"
+if [[ $conns_open == 1000 ]]; then
+    goal_row "RSS with 1,000 idle keep-alive connections" "$conns_mb MB (4 s later $conns_settled_mb)" "<= 50 MB" "$(meets "$conns_mb" 50)"
+else
+    goal_row "RSS with 1,000 idle keep-alive connections" "only $conns_open of 1,000 stayed open" "<= 50 MB" no
+fi
