@@ -27,6 +27,7 @@ pub mod shutdown;
 pub mod store;
 pub mod tls;
 pub mod upstream;
+pub mod worker;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -147,7 +148,7 @@ pub async fn run(
     logger: Arc<Logger>,
     signal: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    run_with_reload(config, logger, signal, None).await
+    run_with_reload(config, logger, signal, None, &[]).await
 }
 
 /// Reads the configuration again (on SIGHUP).
@@ -155,12 +156,15 @@ pub type Reload = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
 
 /// [`run`], and on SIGHUP `reload` the configuration and apply its hooks
 /// without a restart (other settings need one). A configuration that does
-/// not load is logged and the running one kept.
+/// not load is logged and the running one kept. `workers` are the other
+/// workers' runtimes, which accept and serve connections too (see
+/// [`server::serve`]); everything else runs on the calling one.
 pub async fn run_with_reload(
     config: Config,
     logger: Arc<Logger>,
     signal: impl Future<Output = ()>,
     reload: Option<Reload>,
+    workers: &[tokio::runtime::Handle],
 ) -> std::io::Result<()> {
     // Installed before listening: SIGHUP's default action would end the process.
     let hangups = match reload {
@@ -170,9 +174,11 @@ pub async fn run_with_reload(
         )),
         None => None,
     };
-    let listener = TcpListener::bind(config.listen).await.map_err(|e| {
+    let mut sockets = server::bind(config.listen, 1 + workers.len()).map_err(|e| {
         std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.listen))
     })?;
+    let listener = TcpListener::from_std(sockets.remove(0))?;
+    let others = workers.iter().cloned().zip(sockets).collect();
     let app = Arc::new(App::new(config, logger).map_err(std::io::Error::other)?);
     if let Some((mut hangups, reload)) = hangups {
         let app = app.clone();
@@ -207,7 +213,7 @@ pub async fn run_with_reload(
             }
         });
     }
-    serve(app, listener, signal).await
+    serve_on(app, listener, signal, others).await
 }
 
 /// Logs `listening` with the bound address and serves `listener` until
@@ -219,6 +225,17 @@ pub async fn serve(
     listener: TcpListener,
     signal: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
+    serve_on(app, listener, signal, Vec::new()).await
+}
+
+/// [`serve`], with `others` (the other workers' runtimes, each with its
+/// socket from [`server::bind`]) accepting and serving connections too.
+pub async fn serve_on(
+    app: Arc<App>,
+    listener: TcpListener,
+    signal: impl Future<Output = ()>,
+    others: Vec<(tokio::runtime::Handle, std::net::TcpListener)>,
+) -> std::io::Result<()> {
     let addr = listener.local_addr()?;
     // Before `listening`: once that line is out, every listener is up.
     if let Some(admin) = admin::start(&app).await? {
@@ -228,7 +245,7 @@ pub async fn serve(
         addr = %addr,
         upstream = %app.config.upstream.url,
         tls = app.tls.is_some(),
-        workers = tokio::runtime::Handle::current().metrics().num_workers() as u64,
+        workers = (1 + others.len()) as u64,
         version = env!("CARGO_PKG_VERSION"),
         "listening"
     );
@@ -237,7 +254,7 @@ pub async fn serve(
     }
     app.hooks.start(&app.bus);
     app.mail.start(&app.bus);
-    server::serve(app.clone(), listener, signal).await;
+    server::serve(app.clone(), listener, signal, others).await;
     // Every accepted report is stored before the process exits.
     let flushing = app.clone();
     let flushed = tokio::task::spawn_blocking(move || {

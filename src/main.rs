@@ -332,47 +332,68 @@ fn serve(config: Config, overrides: Overrides) -> ExitCode {
         tracing_subscriber::registry().with(MozlogLayer::new(logger.clone(), config.logging.level));
     let _ = tracing::subscriber::set_global_default(subscriber);
 
-    // 0: as many workers as CPUs the process may use. The standard library
-    // counts the CPU affinity mask and the container's cgroup quota (v1
-    // `cpu.cfs_quota_us`, v2 `cpu.max`, rounded down, at least 1), so a pod
-    // limited to 1 CPU (or 500m) gets one worker, not one per host core.
-    let workers = match config.server.worker_threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
-    // One worker needs no work stealing: the current-thread scheduler does
-    // the same job with less bookkeeping per task wake-up.
-    let mut runtime = if workers == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut builder = tokio::runtime::Builder::new_multi_thread();
-        builder.worker_threads(workers);
-        builder
-    };
-    runtime.enable_all().on_thread_park(trim::on_park);
-    let runtime = match runtime.build() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start the runtime");
-            logger.flush();
-            return ExitCode::FAILURE;
+    // One single-threaded runtime per worker, each on a thread of its own
+    // (this one is worker 0), as nginx runs one process per worker: a
+    // connection stays on the worker that accepted it, so no wake-up crosses
+    // to another CPU to steal its tasks (tokio's multi-thread scheduler paid
+    // 0.38 futex calls a request for that, +25-40 % CPU at 1,000 req/s with
+    // two workers; BENCHMARKS.md). Background work (hooks, mail, the admin
+    // listener, the trim's watcher) runs on worker 0.
+    let workers = config.server.workers();
+    let mut runtimes = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .on_thread_park(trim::on_park)
+            .build()
+        {
+            Ok(runtime) => runtimes.push(runtime),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the runtime");
+                logger.flush();
+                return ExitCode::FAILURE;
+            }
         }
-    };
+    }
+    let runtime = runtimes.remove(0);
+    let finished = tokio_util::sync::CancellationToken::new();
+    let mut others = Vec::with_capacity(runtimes.len());
+    let mut threads = Vec::with_capacity(runtimes.len());
+    for (i, other) in runtimes.into_iter().enumerate() {
+        let index = i + 1;
+        others.push(other.handle().clone());
+        let done = finished.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("worker-{index}"))
+            .spawn(move || {
+                dockerflow_sidecar::worker::enter(index);
+                // Runs what worker 0 spawns here until serving is over.
+                other.block_on(done.cancelled());
+                // Tunnels still open after the grace period are cut here.
+                other.shutdown_timeout(Duration::from_millis(100));
+            });
+        match thread {
+            Ok(thread) => threads.push(thread),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start a worker thread");
+                finished.cancel();
+                logger.flush();
+                return ExitCode::FAILURE;
+            }
+        }
+    }
 
     let signal_logger = logger.clone();
     let run_logger = logger.clone();
-    // The whole of serving is a task, so that it runs on a worker thread on
-    // the multi-thread runtime too, where `block_on` would poll it on this
-    // main thread: the accept loop would allocate every connection's task
-    // from the main thread's mimalloc heap, and that thread never parks
-    // through `on_thread_park`, so the trim (src/trim.rs) never collected
-    // what the workers freed there.
+    // Worker 0's runtime runs on this thread: it parks through
+    // `on_thread_park` like the others, so the trim (src/trim.rs) collects
+    // its heap too.
     let serving = async move {
         // Installed before the listener exists, so a signal that arrives as
         // soon as `listening` is logged is already ours, not the default
         // (which would kill the process without a drain).
         let mut signals = Signals::install()?;
-        tokio::spawn(trim::watch(workers));
+        tokio::spawn(trim::watch(others.clone()));
         let (first_tx, first_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             let name = signals.next().await;
@@ -392,6 +413,7 @@ fn serve(config: Config, overrides: Overrides) -> ExitCode {
                 let _ = first_rx.await;
             },
             Some(reload),
+            &others,
         )
         .await
     };
@@ -413,7 +435,11 @@ fn serve(config: Config, overrides: Overrides) -> ExitCode {
         }
     };
     // Tunnels still open after the grace period are cut here.
+    finished.cancel();
     runtime.shutdown_timeout(Duration::from_millis(100));
+    for thread in threads {
+        let _ = thread.join();
+    }
     logger.flush();
     code
 }

@@ -30,6 +30,7 @@ use http::Response;
 use crate::body::RequestBody;
 use crate::h1::{self, Conn, Outgoing, UpstreamBody};
 use crate::upstream::UpstreamConnector;
+use crate::worker;
 
 /// Pooled connections to the one upstream.
 pub struct Pool {
@@ -38,15 +39,31 @@ pub struct Pool {
 
 struct Shared {
     connector: UpstreamConnector,
+    /// One stack per worker ([`crate::worker`]): a connection is registered
+    /// with its worker's runtime, and is only reused there.
+    workers: Box<[PerWorker]>,
+    /// At most this many idle connections per worker: the pool's
+    /// `max_idle` split between the workers, rounded up.
+    max_idle: usize,
+    idle_timeout: Duration,
+    /// Requests sent again after their reused connection was lost.
+    retries: prometheus::IntCounter,
+}
+
+struct PerWorker {
     /// Idle connections, most recently used last (reused first: it is the
     /// one least likely to have been closed by the app).
     idle: Mutex<Vec<Idle>>,
-    max_idle: usize,
-    idle_timeout: Duration,
-    /// Set once the idle reaper runs.
+    /// Set once this worker's idle reaper runs.
     reaper: std::sync::Once,
-    /// Requests sent again after their reused connection was lost.
-    retries: prometheus::IntCounter,
+}
+
+impl Shared {
+    /// The stack of worker `index` (threads beyond the pool's workers share
+    /// them).
+    fn worker(&self, index: usize) -> &PerWorker {
+        &self.workers[index % self.workers.len()]
+    }
 }
 
 struct Idle {
@@ -54,15 +71,20 @@ struct Idle {
     since: Instant,
 }
 
-/// Where a response body returns its connection.
-struct Home(Weak<Shared>);
+/// Where a response body returns its connection: the pool, and the worker
+/// whose runtime the connection is registered with.
+struct Home(Weak<Shared>, usize);
 
 impl h1::Home for Home {
     fn give_back(&self, conn: Conn) {
         let Some(pool) = self.0.upgrade() else {
             return;
         };
-        let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut idle = pool
+            .worker(self.1)
+            .idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if idle.len() < pool.max_idle {
             idle.push(Idle {
                 conn,
@@ -124,23 +146,30 @@ impl std::error::Error for SendError {
 }
 
 impl Pool {
-    /// A pool keeping at most `max_idle` idle connections, each for at most
-    /// `idle_timeout`.
+    /// A pool for `workers` workers, keeping at most `max_idle` idle
+    /// connections (split between the workers, rounded up), each for at
+    /// most `idle_timeout`.
     /// Requests sent again are counted in `retries`.
     pub fn new(
         connector: UpstreamConnector,
+        workers: usize,
         max_idle: usize,
         idle_timeout: Duration,
         retries: prometheus::IntCounter,
     ) -> Self {
+        let workers = workers.max(1);
         Pool {
             shared: Arc::new(Shared {
                 connector,
                 retries,
-                idle: Mutex::new(Vec::new()),
-                max_idle,
+                workers: (0..workers)
+                    .map(|_| PerWorker {
+                        idle: Mutex::new(Vec::new()),
+                        reaper: std::sync::Once::new(),
+                    })
+                    .collect(),
+                max_idle: max_idle.div_ceil(workers),
                 idle_timeout,
-                reaper: std::sync::Once::new(),
             }),
         }
     }
@@ -194,7 +223,8 @@ impl Pool {
     }
 
     fn respond(&self, conn: Conn, mut head: h1::Head) -> Response<UpstreamBody> {
-        let home = Box::new(Home(Arc::downgrade(&self.shared)));
+        // A connection is checked out and opened on the worker it serves.
+        let home = Box::new(Home(Arc::downgrade(&self.shared), worker::index()));
         let body = UpstreamBody::new(conn, &mut head, home);
         head.response.map(|()| body)
     }
@@ -202,7 +232,12 @@ impl Pool {
     /// The most recently used idle connection that is still usable,
     /// dropping the closed and expired ones on the way.
     fn checkout(&self) -> Option<Conn> {
-        let mut idle = self.shared.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut idle = self
+            .shared
+            .worker(worker::index())
+            .idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         while let Some(mut entry) = idle.pop() {
             if now.saturating_duration_since(entry.since) < self.shared.idle_timeout
@@ -221,17 +256,20 @@ impl Pool {
             .connect()
             .await
             .map_err(SendError::Connect)?;
+        let index = worker::index();
         let weak = Arc::downgrade(&self.shared);
         self.shared
+            .worker(index)
             .reaper
-            .call_once(|| drop(tokio::spawn(reap(weak))));
+            .call_once(|| drop(tokio::spawn(reap(weak, index))));
         Ok(Conn::new(io.into_inner()))
     }
 }
 
-/// Closes connections idle for longer than the timeout, or closed by the
-/// app, every half timeout, for as long as the pool exists.
-async fn reap(pool: Weak<Shared>) {
+/// Closes worker `index`'s connections idle for longer than the timeout, or
+/// closed by the app, every half timeout, for as long as the pool exists.
+/// It runs on that worker, where the connections are registered.
+async fn reap(pool: Weak<Shared>, index: usize) {
     let Some(period) = pool
         .upgrade()
         .map(|p| (p.idle_timeout / 2).max(Duration::from_millis(100)))
@@ -247,7 +285,11 @@ async fn reap(pool: Weak<Shared>) {
         };
         let now = Instant::now();
         let expired: Vec<Idle> = {
-            let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+            let mut idle = pool
+                .worker(index)
+                .idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             let (keep, expired) = std::mem::take(&mut *idle)
                 .into_iter()
                 .partition(|e| now.saturating_duration_since(e.since) < pool.idle_timeout);

@@ -81,6 +81,7 @@ impl Proxy {
         Ok(Proxy {
             pool: Pool::new(
                 upstream::UpstreamConnector::new(&config.upstream, open.clone())?,
+                config.server.workers(),
                 config.upstream.pool_max_idle,
                 config.upstream.pool_idle_timeout,
                 metrics.upstream_retries.clone(),

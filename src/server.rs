@@ -12,11 +12,80 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::server_h1;
 use crate::App;
 
+/// Binds `addr` for `workers` workers: one listening socket each, all bound
+/// to the same address with `SO_REUSEPORT`, so the kernel spreads new
+/// connections between them (by a hash of the client's address and port),
+/// as nginx's `reuseport` and Envoy's listeners do. No worker ever wakes for
+/// a connection another takes.
+///
+/// `SO_REUSEPORT` would let another process of the same user listen on the
+/// same address too and take a share of the connections, silently; so the
+/// address is first bound without it, which fails like any bind when
+/// something already listens there.
+pub fn bind(addr: SocketAddr, workers: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    use socket2::{Domain, Socket, Type};
+    let socket = |reuse_port: bool| -> std::io::Result<Socket> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+        // As std and tokio bind: a restart finds its port's connections in
+        // TIME_WAIT, which would otherwise refuse the bind.
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(reuse_port)?;
+        socket.set_nonblocking(true)?;
+        Ok(socket)
+    };
+    let listen = |socket: Socket, addr: SocketAddr| -> std::io::Result<std::net::TcpListener> {
+        socket.bind(&addr.into())?;
+        socket.listen(1024)?;
+        Ok(socket.into())
+    };
+    if workers <= 1 {
+        return Ok(vec![listen(socket(false)?, addr)?]);
+    }
+    // The probe: bound (never listening), so port 0 resolves to the port
+    // every worker then binds.
+    let probe = socket(false)?;
+    probe.bind(&addr.into())?;
+    let addr = probe
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| std::io::Error::other("the bound address is not an IP address"))?;
+    drop(probe);
+    (0..workers).map(|_| listen(socket(true)?, addr)).collect()
+}
+
 /// Serves `listener` until `signal` resolves, then drains: health routes
 /// fail while traffic is still served for `shutdown.drain`, the listener
 /// closes, and connections and tunnels get `shutdown.grace` to finish.
-pub async fn serve(app: Arc<App>, listener: TcpListener, signal: impl Future<Output = ()>) {
+///
+/// `others` are the other workers (src/main.rs): each accepts on its own
+/// socket (see [`bind`]) and serves what it accepted on its own runtime.
+/// The drain closes theirs first, then this one.
+pub async fn serve(
+    app: Arc<App>,
+    listener: TcpListener,
+    signal: impl Future<Output = ()>,
+    others: Vec<(tokio::runtime::Handle, std::net::TcpListener)>,
+) {
     tokio::pin!(signal);
+
+    let close = tokio_util::sync::CancellationToken::new();
+    let others: Vec<_> = others
+        .into_iter()
+        .map(|(worker, socket)| {
+            let (app, close) = (app.clone(), close.clone());
+            worker.spawn(async move {
+                let listener = match TcpListener::from_std(socket) {
+                    Ok(listener) => listener,
+                    Err(e) => {
+                        tracing::error!(error = %e, "a worker cannot listen: it serves nothing");
+                        return;
+                    }
+                };
+                accept_until(&app, &listener, close.cancelled()).await;
+                take_completed(&app, &listener);
+            })
+        })
+        .collect();
 
     accept_until(&app, &listener, &mut signal).await;
 
@@ -31,11 +100,13 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, signal: impl Future<Out
     tracing::info!(drain = %humantime::format_duration(drain), "draining: health routes answer 503, traffic still served");
     accept_until(&app, &listener, tokio::time::sleep(drain)).await;
 
-    // Connections the kernel has already completed would be reset with the
-    // listener: take them, so their first request is served.
-    while let Some(Ok((stream, peer))) = listener.accept().now_or_never() {
-        spawn_connection(app.clone(), stream, peer);
+    // The other workers' sockets close first: the kernel then sends what
+    // comes to this one, which closes last.
+    close.cancel();
+    for other in others {
+        let _ = other.await;
     }
+    take_completed(&app, &listener);
     drop(listener);
     app.shutdown.stop();
     let tracker = app.shutdown.tracker();
@@ -53,6 +124,14 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, signal: impl Future<Out
         );
     } else {
         tracing::info!("all connections finished");
+    }
+}
+
+/// Connections the kernel has already completed would be reset with the
+/// listener: take them, so their first request is served.
+fn take_completed(app: &Arc<App>, listener: &TcpListener) {
+    while let Some(Ok((stream, peer))) = listener.accept().now_or_never() {
+        spawn_connection(app.clone(), stream, peer);
     }
 }
 

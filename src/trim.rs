@@ -23,10 +23,10 @@
 //! many workers the collections alone would make a second look busy and
 //! start the next round.
 //!
-//! With one worker (the current-thread runtime) the watcher's own wake-up is
-//! that worker's, so it collects within the second. With several, the
-//! watcher also spawns a few empty tasks: a spawn wakes an idle worker to
-//! look for work, and it parks again (and collects) once it finds none.
+//! The watcher runs on worker 0, so its own wake-up is that worker's, and it
+//! collects within the second. Every other worker has a runtime of its own
+//! (src/main.rs): the watcher spawns an empty task on each, which wakes it,
+//! and it parks again (and collects) once the task has run.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -146,11 +146,11 @@ impl Watcher {
     }
 }
 
-/// Runs for the life of the runtime (of `workers` worker threads): raises
-/// `WANTED` on the first quiet tick after a busy one, `FOLLOW_UP` quiet
-/// ticks later, and on every `SWEEP`th quiet tick in a row; never while
-/// busy.
-pub async fn watch(workers: usize) {
+/// Runs for the life of the sidecar, on worker 0 (`others` are the other
+/// workers' runtimes): raises `WANTED` on the first quiet tick after a busy
+/// one, `FOLLOW_UP` quiet ticks later, and on every `SWEEP`th quiet tick in
+/// a row; never while busy.
+pub async fn watch(others: Vec<tokio::runtime::Handle>) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last = activity();
@@ -162,10 +162,8 @@ pub async fn watch(workers: usize) {
         last = now;
         if watcher.tick(used) {
             WANTED.fetch_add(1, Ordering::Relaxed);
-            if workers > 1 {
-                for _ in 0..2 * workers {
-                    tokio::spawn(async {});
-                }
+            for other in &others {
+                drop(other.spawn(async {}));
             }
         }
     }

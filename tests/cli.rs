@@ -221,6 +221,56 @@ fn listen_failure_is_reported() {
 }
 
 #[test]
+fn an_address_another_process_shares_with_so_reuseport_is_refused() {
+    // Another process listening with SO_REUSEPORT, as a second sidecar's
+    // workers do: the kernel would let several workers join it and split the
+    // connections with that process, silently.
+    let taken = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    taken.set_reuse_port(true).unwrap();
+    taken
+        .bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+    taken.listen(16).unwrap();
+    let addr = taken.local_addr().unwrap().as_socket().unwrap().to_string();
+    // Spawned, not run to its end: a sidecar that wrongly starts serving
+    // would never exit.
+    let mut child = Command::new(common::binary())
+        .env_remove("PORT")
+        .env_remove("DOCKERFLOW_CONFIG")
+        .env_remove("DOCKERFLOW_UPSTREAM__URL")
+        .env("DOCKERFLOW_ADMIN__LISTEN", "127.0.0.1:0")
+        .env("DOCKERFLOW_LISTEN", &addr)
+        .env("DOCKERFLOW_SERVER__WORKER_THREADS", "2")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let end = std::time::Instant::now() + common::DEADLINE;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > end {
+            child.kill().unwrap();
+            let _ = child.wait();
+            panic!("the sidecar started serving on {addr}, which another process holds");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(!status.success());
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut stdout).unwrap();
+    assert!(
+        stdout.contains("cannot listen on") && stdout.contains(&addr),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn heartbeat_checks_are_validated_with_the_key_named() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [

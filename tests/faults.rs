@@ -175,7 +175,11 @@ async fn a_keep_alive_connection_closed_under_a_request_retries_only_idempotent_
 {
     // Every connection answers its first request and swallows its second.
     let app = Scripted::start(|n| if n == 0 { Act::Answer } else { Act::Swallow });
-    let sidecar = SidecarBuilder::new(&app.url()).start();
+    // One worker, so one pool: each request (on a new client connection)
+    // finds the connection the one before left.
+    let sidecar = SidecarBuilder::new(&app.url())
+        .env("DOCKERFLOW_SERVER__WORKER_THREADS", "1")
+        .start();
 
     assert_eq!(send(&sidecar, "GET", "/1", "", "r1").await, 200);
     // On the pooled connection, swallowed; sent again on a new one.

@@ -22,10 +22,18 @@ async fn open_upstream_connections(sidecar: &common::Sidecar) -> i64 {
         .unwrap()
 }
 
+/// A sidecar with one worker, so one pool: each worker has its own, and a
+/// new client connection may go to either worker (see the last test).
+fn one_worker(app: &Upstream) -> common::Sidecar {
+    SidecarBuilder::new(&app.url())
+        .env("DOCKERFLOW_SERVER__WORKER_THREADS", "1")
+        .start()
+}
+
 #[tokio::test]
 async fn one_connection_serves_every_kind_of_exchange_in_turn() {
     let app = Upstream::start();
-    let sidecar = SidecarBuilder::new(&app.url()).start();
+    let sidecar = one_worker(&app);
     for round in 0..20 {
         assert_eq!(get(&sidecar.url("/echo"), &[]).await.status, 200);
         let posted = request("POST", &sidecar.url("/count"), &[], vec![b'x'; 100_000]).await;
@@ -56,7 +64,7 @@ async fn one_connection_serves_every_kind_of_exchange_in_turn() {
 #[tokio::test]
 async fn concurrent_requests_open_one_connection_each_then_reuse_them() {
     let app = Upstream::start();
-    let sidecar = SidecarBuilder::new(&app.url()).start();
+    let sidecar = one_worker(&app);
     for wave in 0..3 {
         let url = sidecar.url("/slow/100");
         let requests = (0..16).map(|_| get(&url, &[]));
@@ -151,4 +159,71 @@ async fn workers_follow_the_cpus_the_process_may_use() {
         .env("DOCKERFLOW_SERVER__WORKER_THREADS", "3")
         .start();
     assert_eq!(workers(&three), 3);
+}
+
+/// CPU time so far of each worker thread (worker 0 is the main thread, the
+/// others are named `worker-N`), in nanoseconds, by worker.
+fn worker_cpu_ns(sidecar: &common::Sidecar) -> Vec<u64> {
+    let pid = sidecar.pid();
+    let mut workers = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let tid: i32 = dir.file_name().unwrap().to_str().unwrap().parse().unwrap();
+        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
+            continue; // a thread that ended meanwhile
+        };
+        let index = match comm.trim().strip_prefix("worker-") {
+            Some(n) => n.parse::<usize>().unwrap(),
+            None if tid == pid => 0,
+            None => continue,
+        };
+        // schedstat: time on the CPU (ns), time waiting for it, slices.
+        let schedstat = std::fs::read_to_string(dir.join("schedstat")).unwrap();
+        let ns: u64 = schedstat
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        workers.push((index, ns));
+    }
+    workers.sort();
+    workers.into_iter().map(|(_, ns)| ns).collect()
+}
+
+#[tokio::test]
+async fn every_worker_serves_a_share_of_the_connections_through_a_pool_of_its_own() {
+    let app = Upstream::start();
+    let sidecar = SidecarBuilder::new(&app.url())
+        .env("DOCKERFLOW_SERVER__WORKER_THREADS", "2")
+        .start();
+    assert_eq!(workers(&sidecar), 2);
+    // One request at a time, each on a new client connection: the kernel
+    // spreads the connections between the workers' sockets by a hash of the
+    // client port, and each worker keeps reusing its own connection to the
+    // app (a pool shared by both would have opened one).
+    for _ in 0..40 {
+        assert_eq!(get(&sidecar.url("/echo"), &[]).await.status, 200);
+    }
+    assert_eq!(app.accepted(), 2, "one upstream connection per worker");
+    let before = worker_cpu_ns(&sidecar);
+    assert_eq!(before.len(), 2, "the main thread and worker-1");
+    // 200 connections more, 20 at a time: both workers do a share of the work.
+    let url = sidecar.url("/echo");
+    for _ in 0..10 {
+        let requests = (0..20).map(|_| get(&url, &[]));
+        for reply in futures_util::future::join_all(requests).await {
+            assert_eq!(reply.status, 200);
+        }
+    }
+    let after = worker_cpu_ns(&sidecar);
+    let used: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    let total: u64 = used.iter().sum();
+    for (worker, ns) in used.iter().enumerate() {
+        assert!(
+            *ns * 10 >= total,
+            "worker {worker} used {ns} ns of {total}: it served (almost) none of 200 connections"
+        );
+    }
+    assert_eq!(app.hits(), 240);
 }

@@ -201,8 +201,13 @@ async fn serve(mut stream: TcpStream, conn: usize, log: Arc<Mutex<Vec<String>>>)
     }
 }
 
+/// One worker: these tests follow requests over the app connections of one
+/// pool (each worker has its own, and a new client connection may go to
+/// either worker).
 fn sidecar(app: &WireApp) -> Sidecar {
-    SidecarBuilder::new(&app.url()).start()
+    SidecarBuilder::new(&app.url())
+        .env("DOCKERFLOW_SERVER__WORKER_THREADS", "1")
+        .start()
 }
 
 /// The app connection a response came on.

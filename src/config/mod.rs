@@ -205,7 +205,8 @@ pub struct UpstreamConfig {
     /// connection the pool is about to reuse.
     #[serde(with = "humantime_serde")]
     pub pool_idle_timeout: Duration,
-    /// Most idle connections kept in the pool.
+    /// Most idle connections kept in the pool, all workers together (each
+    /// worker keeps its share, rounded up).
     pub pool_max_idle: usize,
     /// For an `https://` upstream: a PEM file of CA certificates to trust
     /// besides the platform's.
@@ -222,8 +223,9 @@ pub struct ServerConfig {
     /// Also the longest pause in the middle of a request body; then 408.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
-    /// Runtime worker threads; 0 means one per CPU the process may use
-    /// (cgroup quotas included).
+    /// Worker threads, each with a runtime, connections and upstream pool
+    /// of its own; 0 means one per CPU the process may use (cgroup quotas
+    /// included).
     pub worker_threads: usize,
 }
 
@@ -321,6 +323,20 @@ impl Default for UpstreamConfig {
             pool_idle_timeout: Duration::from_secs(1),
             pool_max_idle: 256,
             ca_file: None,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// How many workers serve: `worker_threads`, or when it is 0 as many as
+    /// CPUs the process may use. The standard library counts the CPU
+    /// affinity mask and the container's cgroup quota (v1
+    /// `cpu.cfs_quota_us`, v2 `cpu.max`, rounded down, at least 1), so a pod
+    /// limited to 1 CPU (or 500m) gets one worker, not one per host core.
+    pub fn workers(&self) -> usize {
+        match self.worker_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
         }
     }
 }
