@@ -9,7 +9,8 @@
 #
 #   bash bench/ab.sh OLD_BINARY NEW_BINARY
 #
-# Environment: AB_ROUNDS (4), AB_DURATION (4s), AB_CONNECTIONS (64), AB_PERF
+# Environment: AB_ROUNDS (4), AB_DURATION (4s), AB_CONNECTIONS (64), AB_WORKERS
+# (1: the sidecars' server.worker_threads), AB_PERF
 # (1; 0 leaves the counters alone: perf attached costs the process time).
 set -euo pipefail
 
@@ -19,6 +20,7 @@ B=${2:?usage: bench/ab.sh OLD_BINARY NEW_BINARY}
 ROUNDS=${AB_ROUNDS:-4}
 DURATION=${AB_DURATION:-4s}
 CONNECTIONS=${AB_CONNECTIONS:-64}
+WORKERS=${AB_WORKERS:-1}
 UPSTREAM_BIN="$ROOT/target/release/examples/bench_upstream"
 [ -x "$UPSTREAM_BIN" ] || (cd "$ROOT" && cargo build --release --example bench_upstream)
 command -v wrk >/dev/null || { echo "wrk is not installed (apt-get install wrk)" >&2; exit 1; }
@@ -39,7 +41,7 @@ start() { # BINARY -> prints "pid port"
         admin=(env DOCKERFLOW_ADMIN__LISTEN=127.0.0.1:0)
     fi
     "${admin[@]}" env DOCKERFLOW_LISTEN=127.0.0.1:$port \
-        DOCKERFLOW_SERVER__WORKER_THREADS=1 DOCKERFLOW_SHUTDOWN__DRAIN=0s \
+        DOCKERFLOW_SERVER__WORKER_THREADS=$WORKERS DOCKERFLOW_SHUTDOWN__DRAIN=0s \
         "$1" --upstream "http://127.0.0.1:$up" >/dev/null 2>&1 &
     local pid=$!
     for _ in $(seq 100); do
