@@ -162,8 +162,18 @@ async fn accept_until(app: &Arc<App>, listener: &TcpListener, until: impl Future
 /// Serves one connection; on stop it finishes the in-flight request and closes.
 fn spawn_connection(app: Arc<App>, stream: TcpStream, peer: SocketAddr) {
     let tracker = app.shutdown.tracker().clone();
+    tracker.spawn(connection(app, stream, peer));
+}
+
+/// A connection's task. Its allocation is the size of this future, in every
+/// state, for as long as the connection is open (idle keep-alive included).
+fn connection(
+    app: Arc<App>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) -> impl Future<Output = ()> + Send {
     let accepted = tokio::time::Instant::now();
-    tracker.spawn(async move {
+    async move {
         let _open = GaugeGuard::new(&app.metrics.open_connections);
         let _ = stream.set_nodelay(true);
         match app.tls.as_ref().map(|(_, acceptor)| acceptor.clone()) {
@@ -172,7 +182,7 @@ fn spawn_connection(app: Arc<App>, stream: TcpStream, peer: SocketAddr) {
             // plain connection's task would otherwise be sized for too.
             Some(acceptor) => Box::pin(serve_tls(app, stream, peer, accepted, acceptor)).await,
         }
-    });
+    }
 }
 
 /// A TLS connection: the handshake, then the same server as plain HTTP.
@@ -211,5 +221,35 @@ impl GaugeGuard {
 impl Drop for GaugeGuard {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What every open connection holds: the HTTP/1.1 server's state, not
+    /// HTTP/2's or the TLS handshake's (boxed, for the connections that use
+    /// them). Inline, they made it 12,360 bytes (BENCHMARKS.md).
+    #[tokio::test]
+    async fn a_plain_connection_task_is_sized_for_http1_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = crate::config::Config::default();
+        config.admin.enabled = false;
+        config.state.path = dir.path().join("state.db");
+        let logger = Arc::new(crate::mozlog::Logger::new(
+            "test".into(),
+            config.logging.format,
+            crate::mozlog::Sink::new(Box::new(std::io::sink())).unwrap(),
+        ));
+        let app = Arc::new(App::new(config, logger).unwrap());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stream, peer) = listener.accept().await.unwrap();
+        let task = connection(app, stream, peer);
+        let size = std::mem::size_of_val(&task);
+        assert!(size <= 8 * 1024, "a connection's task is {size} bytes");
     }
 }
