@@ -75,13 +75,30 @@ for _ in range(1000):
     s = socket.create_connection(("127.0.0.1", port))
     s.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
     socks.append(s)
+# Each response read to its end (Content-Length), whatever its status: a
+# 502 is shorter than the app's 1 KiB, and waiting for 1 KiB of it would
+# wait for the sidecar's idle timeout.
+not_ok = 0
 for s in socks:
     data = b""
-    while b"\r\n\r\n" not in data or len(data) < 1024:
+    while b"\r\n\r\n" not in data:
         chunk = s.recv(65536)
         if not chunk:
             break
         data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(body) < length:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    if not head.startswith(b"HTTP/1.1 200 "):
+        not_ok += 1
 def rss():
     return [l for l in open(f"/proc/{pid}/status") if l.startswith("VmRSS:")][0].split()[1]
 # Two readings, the connections open all along: 0.5 s after the last
@@ -102,9 +119,9 @@ for s in socks:
         still_open += 1
     except OSError:
         pass
-print(first, settled, still_open)
+print(first, settled, still_open, not_ok)
 PY
-read -r conns conns_settled conns_open <"$OUT/connections.txt"
+read -r conns conns_settled conns_open conns_not_ok <"$OUT/connections.txt"
 
 echo "dockerflow-sidecar footprint ($(nproc) CPUs, $(date -u +%F))"
 # meets VALUE LIMIT: yes when VALUE <= LIMIT.
@@ -117,7 +134,9 @@ built_mb=$(awk -v s="$built_size" 'BEGIN { printf "%.1f", s / 1e6 }')
 goal_row "release binary (stripped)" "$size_mb MB ($built_mb MB with symbols)" "<= 15 MB" "$(meets "$size_mb" 15)"
 goal_row "start-up to first 200 on /__lbheartbeat__" "${first_200_ms} ms" "<= 50 ms" "$(meets "$first_200_ms" 50)"
 goal_row "RSS idle (fresh, one request of each kind)" "$idle_mb MB" "<= 10 MB" "$(meets "$idle_mb" 10)"
-if [[ $conns_open == 1000 ]]; then
+if [[ $conns_not_ok != 0 ]]; then
+    goal_row "RSS with 1,000 idle keep-alive connections" "$conns_not_ok of 1,000 first requests not answered 200" "<= 50 MB" no
+elif [[ $conns_open == 1000 ]]; then
     goal_row "RSS with 1,000 idle keep-alive connections" "$conns_mb MB (4 s later $conns_settled_mb)" "<= 50 MB" "$(meets "$conns_mb" 50)"
 else
     goal_row "RSS with 1,000 idle keep-alive connections" "only $conns_open of 1,000 stayed open" "<= 50 MB" no

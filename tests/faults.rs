@@ -704,3 +704,67 @@ async fn heartbeat_dependencies_that_hang_and_flap_never_hold_the_route_past_its
     assert!(statuses.contains_key(&(500, false)), "{statuses:?}");
     assert!(statuses.contains_key(&(500, true)), "{statuses:?}");
 }
+
+/// Whether a connection to 127.0.0.1:`port` waits for its SYN to be
+/// answered (state SYN_SENT in /proc/net/tcp).
+fn syn_unanswered(port: u16) -> bool {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let remote = format!("0100007F:{port:04X}");
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.get(2) == Some(&remote.as_str()) && fields.get(3) == Some(&"02")
+    })
+}
+
+#[tokio::test]
+async fn a_burst_that_fills_the_apps_accept_queue_is_answered_not_502() {
+    // An app with room for one connection waiting to be accepted, and one
+    // there already: the kernel drops the sidecar's SYN, as for every
+    // connection past the backlog in a burst.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    socket.listen(0).unwrap();
+    let app: std::net::TcpListener = socket.into();
+    let addr = app.local_addr().unwrap();
+    let _waiting = std::net::TcpStream::connect(addr).unwrap();
+    let sidecar = SidecarBuilder::new(&format!("http://{addr}")).start();
+
+    let url = sidecar.url("/x");
+    let started = Instant::now();
+    let reply = tokio::spawn(async move { get(&url, &[]).await });
+    let end = Instant::now() + DEADLINE;
+    while !syn_unanswered(addr.port()) {
+        assert!(Instant::now() < end, "the sidecar never tried to connect");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The app catches up: it accepts what waits and answers each request.
+    std::thread::spawn(move || {
+        for stream in app.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                use std::io::{Read, Write};
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if stream.read(&mut byte).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+            });
+        }
+    });
+    let reply = reply.await.unwrap();
+    // The retransmitted SYN (1 s after the first) got through.
+    assert_eq!(
+        reply.status,
+        200,
+        "{:?}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(&reply.body[..], b"ok");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+}

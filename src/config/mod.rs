@@ -194,7 +194,9 @@ impl AdminConfig {
 pub struct UpstreamConfig {
     /// `http://host:port` or `unix:/path/to.sock`.
     pub url: UpstreamUrl,
-    /// Longest wait for a new upstream connection to open (then 502).
+    /// Longest wait for a new upstream connection to open (then 502). An
+    /// app whose accept queue is full drops the SYN, and the kernel sends it
+    /// again 1 s later, then 3 s: the default waits for two of those.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     /// Longest wait from sending a request to receiving the response head (then 504).
@@ -318,7 +320,7 @@ impl Default for UpstreamConfig {
     fn default() -> Self {
         UpstreamConfig {
             url: UpstreamUrl::default(),
-            connect_timeout: Duration::from_secs(1),
+            connect_timeout: Duration::from_secs(5),
             response_header_timeout: Duration::from_secs(30),
             pool_idle_timeout: Duration::from_secs(1),
             pool_max_idle: 256,
