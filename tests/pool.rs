@@ -196,6 +196,9 @@ async fn every_worker_serves_a_share_of_the_connections_through_a_pool_of_its_ow
     let app = Upstream::start();
     let sidecar = SidecarBuilder::new(&app.url())
         .env("DOCKERFLOW_SERVER__WORKER_THREADS", "2")
+        // A worker's connection waits idle while requests hash to the other
+        // one: on a loaded machine that can outlast the default 1 s.
+        .env("DOCKERFLOW_UPSTREAM__POOL_IDLE_TIMEOUT", "1m")
         .start();
     assert_eq!(workers(&sidecar), 2);
     // One request at a time, each on a new client connection: the kernel
