@@ -336,9 +336,10 @@ fn serve(config: Config, overrides: Overrides) -> ExitCode {
     // (this one is worker 0), as nginx runs one process per worker: a
     // connection stays on the worker that accepted it, so no wake-up crosses
     // to another CPU to steal its tasks (tokio's multi-thread scheduler paid
-    // 0.38 futex calls a request for that, +25-40 % CPU at 1,000 req/s with
-    // two workers; BENCHMARKS.md). Background work (hooks, mail, the admin
-    // listener, the trim's watcher) runs on worker 0.
+    // 0.33-0.38 futex calls a request for that at 1,000 req/s with two
+    // workers; what they cost in CPU depends on the machine: BENCHMARKS.md).
+    // Background work (hooks, mail, the admin listener, the trim's watcher)
+    // runs on worker 0.
     let workers = config.server.workers();
     let mut runtimes = Vec::with_capacity(workers);
     for _ in 0..workers {
