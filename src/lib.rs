@@ -160,7 +160,7 @@ pub type Reload = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
 /// workers' runtimes, which accept and serve connections too (see
 /// [`server::serve`]); everything else runs on the calling one.
 pub async fn run_with_reload(
-    config: Config,
+    mut config: Config,
     logger: Arc<Logger>,
     signal: impl Future<Output = ()>,
     reload: Option<Reload>,
@@ -179,6 +179,10 @@ pub async fn run_with_reload(
     })?;
     let listener = TcpListener::from_std(sockets.remove(0))?;
     let others = workers.iter().cloned().zip(sockets).collect();
+    // The workers that serve, counted once: the pool keeps a stack for each
+    // (a caller's own runtime, with no others, is one worker however many
+    // threads it has: its threads all use the first stack).
+    config.server.worker_threads = 1 + workers.len();
     let app = Arc::new(App::new(config, logger).map_err(std::io::Error::other)?);
     if let Some((mut hangups, reload)) = hangups {
         let app = app.clone();
