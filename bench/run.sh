@@ -18,6 +18,10 @@
 #   BENCH_CONNECTIONS  wrk connections                          (default 64)
 #   BENCH_THREADS      wrk threads                              (default 2)
 #   BENCH_SKIP_BUILD=1 use the existing release binaries as they are
+#
+# It also prints the CPU each proxy's process spent per request, user and
+# system (/proc/PID/stat around each measured run): where the kernel's part
+# is the same for all, it shows how much of the gap user space can close.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -61,21 +65,25 @@ start_nginx
 start_haproxy
 start_sidecar 1 "$OUT/sidecar.log"
 SIDECAR1_PORT=$SIDECAR_PORT
+SIDECAR1_PID=$SIDECAR_PID
 log "sidecar (1 thread) on 127.0.0.1:$SIDECAR1_PORT (pid $SIDECAR_PID)"
 start_sidecar 0 "$OUT/sidecar-2threads.log"
 SIDECAR2_PORT=$SIDECAR_PORT
+SIDECAR2_PID=$SIDECAR_PID
+NGINX_WORKER=$(pgrep -P "$NGINX_PID" | head -n 1)
+[[ -n $NGINX_WORKER ]] || die "nginx has no worker process"
 log "sidecar (default threads = $(nproc) CPUs) on 127.0.0.1:$SIDECAR2_PORT (pid $SIDECAR_PID)"
 # --- load --------------------------------------------------------------------
-# Targets: key|label|url, in the order they are measured within a round: the
+# Targets: key|label|url|pid (the process whose CPU time is read), in the order they are measured within a round: the
 # sidecar right between nginx and haproxy, so that the runs whose ratios are
 # the point are close in time (the machine's background load drifts).
 TARGETS=(
-    "upstream|upstream (direct)|http://$UPSTREAM_ADDR/"
-    "nginx|nginx (1 worker)|http://127.0.0.1:$NGINX_PORT/"
-    "sidecar|sidecar (1 thread)|http://127.0.0.1:$SIDECAR1_PORT/"
-    "haproxy|haproxy (1 thread)|http://127.0.0.1:$HAPROXY_PORT/"
-    "sidecar_2t|sidecar (2 threads)|http://127.0.0.1:$SIDECAR2_PORT/"
-    "lbheartbeat|sidecar /__lbheartbeat__ (1 thread)|http://127.0.0.1:$SIDECAR1_PORT/__lbheartbeat__"
+    "upstream|upstream (direct)|http://$UPSTREAM_ADDR/|$UPSTREAM_PID"
+    "nginx|nginx (1 worker)|http://127.0.0.1:$NGINX_PORT/|$NGINX_WORKER"
+    "sidecar|sidecar (1 thread)|http://127.0.0.1:$SIDECAR1_PORT/|$SIDECAR1_PID"
+    "haproxy|haproxy (1 thread)|http://127.0.0.1:$HAPROXY_PORT/|$HAPROXY_PID"
+    "sidecar_2t|sidecar (2 threads)|http://127.0.0.1:$SIDECAR2_PORT/|$SIDECAR2_PID"
+    "lbheartbeat|sidecar /__lbheartbeat__ (1 thread)|http://127.0.0.1:$SIDECAR1_PORT/__lbheartbeat__|$SIDECAR1_PID"
 )
 
 : >"$OUT/rows.jsonl"
@@ -84,17 +92,22 @@ LOADAVG_START=$(cut -d' ' -f1-3 /proc/loadavg)
 log "load: wrk -t$THREADS -c$CONNECTIONS, warm-up $WARMUP, measure $DURATION, $ROUNDS round(s), ${#TARGETS[@]} targets"
 for ((round = 1; round <= ROUNDS; round++)); do
     for target in "${TARGETS[@]}"; do
-        IFS='|' read -r key label url <<<"$target"
+        IFS='|' read -r key label url pid <<<"$target"
         log "round $round/$ROUNDS: $label"
         "$WRK" -t"$THREADS" -c"$CONNECTIONS" -d"$WARMUP" -s "$OUT/report.lua" "$url" \
             >"$OUT/wrk-$key-r$round-warmup.txt" 2>&1
+        # utime and stime, in clock ticks (fields 14 and 15; the name in
+        # field 2 has no spaces here).
+        read -r user0 sys0 < <(awk '{ print $14, $15 }' "/proc/$pid/stat")
         "$WRK" -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s "$OUT/report.lua" "$url" \
             >"$OUT/wrk-$key-r$round.txt" 2>&1
+        read -r user1 sys1 < <(awk '{ print $14, $15 }' "/proc/$pid/stat")
         warm=$(sed -n 's/^BENCH_JSON //p' "$OUT/wrk-$key-r$round-warmup.txt")
         json=$(sed -n 's/^BENCH_JSON //p' "$OUT/wrk-$key-r$round.txt")
         [[ -n $warm && -n $json ]] || die "wrk printed no result for $label (see $OUT/wrk-$key-r$round*.txt)"
-        printf '{"key":"%s","label":"%s","url":"%s","round":%d,"wrk":%s,"warmup":%s}\n' \
-            "$key" "$label" "$url" "$round" "$json" "$warm" >>"$OUT/rows.jsonl"
+        printf '{"key":"%s","label":"%s","url":"%s","round":%d,"wrk":%s,"warmup":%s,"cpu_ticks":{"user":%d,"system":%d}}\n' \
+            "$key" "$label" "$url" "$round" "$json" "$warm" $((user1 - user0)) $((sys1 - sys0)) \
+            >>"$OUT/rows.jsonl"
     done
 done
 
@@ -108,7 +121,7 @@ PIDS=()
 LOADAVG_END=$(cut -d' ' -f1-3 /proc/loadavg)
 LOADAVG_START=$LOADAVG_START LOADAVG_END=$LOADAVG_END \
     BENCH_OUT=$OUT BENCH_DURATION=$DURATION BENCH_WARMUP=$WARMUP BENCH_ROUNDS=$ROUNDS \
-    BENCH_CONNECTIONS=$CONNECTIONS BENCH_THREADS=$THREADS \
+    BENCH_CONNECTIONS=$CONNECTIONS BENCH_THREADS=$THREADS CLK_TCK=$(getconf CLK_TCK) \
     NGINX_VERSION=$("$NGINX" -v 2>&1 | sed 's/^nginx version: //') \
     HAPROXY_VERSION=$("$HAPROXY" -v | head -n 1) \
     WRK_VERSION=$("$WRK" -v 2>&1 | head -n 1 | cut -d' ' -f1-2) \
@@ -120,10 +133,16 @@ rows = [json.loads(line) for line in open(os.path.join(out, "rows.jsonl"))]
 
 # Display order (the measuring order differs, see TARGETS).
 order = ["upstream", "nginx", "haproxy", "sidecar", "sidecar_2t", "lbheartbeat"]
-labels, by_key = {}, {}
+labels, by_key, cpu_by_key = {}, {}, {}
+tick_us = 1e6 / int(os.environ["CLK_TCK"])
 for r in rows:
     labels[r["key"]] = r["label"]
     by_key.setdefault(r["key"], []).append(r["wrk"])
+    n = max(r["wrk"]["requests"], 1)
+    cpu_by_key.setdefault(r["key"], []).append({
+        "user_us": r["cpu_ticks"]["user"] * tick_us / n,
+        "system_us": r["cpu_ticks"]["system"] * tick_us / n,
+    })
 order = [k for k in order if k in by_key] + [k for k in by_key if k not in order]
 
 def median(key, field):
@@ -141,6 +160,12 @@ for k in order:
         "p99_ms": median(k, "p99_us") / 1000,
         "requests": sum(w["requests"] for w in runs),
         "errors": errors,
+        # The CPU the process behind the target spent per request (for
+        # "upstream (direct)", the upstream's own).
+        "cpu_us_per_request": {
+            part: statistics.median(c[f"{part}_us"] for c in cpu_by_key[k])
+            for part in ("user", "system")
+        },
         "rounds": runs,
     }
 
@@ -246,6 +271,13 @@ for name, r in ratios.items():
     print(f"{name:<{rw}}  {r['throughput']:>6.2f}  {r['p50']:>6.2f}  {r['p99']:>6.2f}  {per_round}")
 print("(req/s ratio: higher is better for the sidecar; p50/p99 ratios: lower is better)")
 print()
+print("CPU per request of the process behind each target (/proc/PID/stat, median over rounds)")
+print(f"{'target':<{w}}  {'user µs':>8}  {'system µs':>9}  {'total µs':>8}")
+print(f"{'-' * w}  {'-' * 8}  {'-' * 9}  {'-' * 8}")
+for r in results.values():
+    c = r["cpu_us_per_request"]
+    print(f"{r['label']:<{w}}  {c['user']:>8.2f}  {c['system']:>9.2f}  {c['user'] + c['system']:>8.2f}")
+print()
 verdict = "MET" if target["met"] else "NOT MET"
 product = "met" if target["product_goal_met"] else "not met"
 print(f"target: {target['text']}: sidecar/nginx = {goal:.2f} x -> {verdict} (product goal: {product})")
@@ -272,6 +304,10 @@ n, h = ra["sidecar/nginx"]["throughput"], ra["sidecar/haproxy"]["throughput"]
 lb = res["lbheartbeat"]["rps"] / res["sidecar"]["rps"]
 print(f"proxied throughput, keep-alive, 1 KiB, 64 conns\t{n:.2f} x nginx, {h:.2f} x haproxy\t>= 1.1 x both\t{'yes' if min(n, h) >= 1.1 else 'no'}")
 print(f"/__lbheartbeat__ throughput\t{lb:.1f} x proxied ({res['lbheartbeat']['rps']:.0f} req/s)\t>= 2 x proxied\t{'yes' if lb >= 2 else 'no'}")
+# Not a goal: what bounds the first row (the kernel's part is the same for all).
+cpu = {k: res[k]["cpu_us_per_request"] for k in ("sidecar", "nginx", "haproxy")}
+split = "; ".join(f"{k} {c['user']:.1f} + {c['system']:.1f}" for k, c in cpu.items())
+print(f"CPU per request at saturation, user + system\t{split} µs\t(bounds the first row)\t-")
 PY
 echo
 while IFS=$'\t' read -r label value goal met; do
