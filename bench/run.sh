@@ -74,9 +74,10 @@ NGINX_WORKER=$(pgrep -P "$NGINX_PID" | head -n 1)
 [[ -n $NGINX_WORKER ]] || die "nginx has no worker process"
 log "sidecar (default threads = $(nproc) CPUs) on 127.0.0.1:$SIDECAR2_PORT (pid $SIDECAR_PID)"
 # --- load --------------------------------------------------------------------
-# Targets: key|label|url|pid (the process whose CPU time is read), in the order they are measured within a round: the
-# sidecar right between nginx and haproxy, so that the runs whose ratios are
-# the point are close in time (the machine's background load drifts).
+# Targets: key|label|url|pid (the process whose CPU time is read), in the
+# order they are measured within a round: the sidecar right between nginx and
+# haproxy, so that the runs whose ratios are the point are close in time (the
+# machine's background load drifts).
 TARGETS=(
     "upstream|upstream (direct)|http://$UPSTREAM_ADDR/|$UPSTREAM_PID"
     "nginx|nginx (1 worker)|http://127.0.0.1:$NGINX_PORT/|$NGINX_WORKER"
